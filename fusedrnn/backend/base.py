@@ -1,0 +1,45 @@
+"""The per-layer, per-direction sequence interface every backend implements.
+
+Input rows are time-major with per-step active-row counts (PackedSequence's
+``batch_sizes``): step t owns ``batch_sizes[t]`` rows, the counts never increase, and a
+padded batch is the case where every count is B. At step t only rows ``[0, batch_sizes[t])``
+are computed; the other rows of the state buffer keep their last (or, in reverse, their
+initial) state, which is exactly the final state torch.nn returns for packed input.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..cells import Cell
+
+
+class Backend:
+    """One way to run ``sequence``. Subclasses override the three methods below."""
+
+    name: str = ""
+
+    def unavailable_reason(self) -> Optional[str]:
+        """None when usable on this machine, else why not (missing extension, no GPU, ...)."""
+        return None
+
+    def unsupported_reason(self, device: torch.device, dtype: torch.dtype, cell: Cell,
+                           hidden_size: int, proj_size: int) -> Optional[str]:
+        """None when this backend handles the given layer, else why not."""
+        return None
+
+    def sequence(self, cell: Cell, xp: Tensor, batch_sizes: Tensor, h0: Tensor,
+                 c0: Optional[Tensor], w_hh: Tensor, b_hh: Optional[Tensor],
+                 w_hr: Optional[Tensor], reverse: bool):
+        """Run one layer and direction; differentiable in every tensor argument.
+
+        xp:          [rows, G*H]  the hoisted input projection ``x @ W_ih^T + b_ih``
+        batch_sizes: [T] int64 on the CPU, non-increasing, ``sum == rows``
+        h0:          [B, Hout]    Hout = proj_size or H; B == batch_sizes[0]
+        c0:          [B, H] for LSTM, else None
+        w_hh:        [G*H, Hout];  b_hh: [G*H] or None;  w_hr: [Hout, H] or None (LSTM proj)
+        returns y [rows, Hout], h_n [B, Hout], c_n [B, H] or None
+        """
+        raise NotImplementedError

@@ -1,0 +1,40 @@
+"""The oracle: a plain torch time loop over the cell registry, differentiated by autograd."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import Backend
+
+
+def run_sequence(cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse):
+    sizes = batch_sizes.tolist()
+    offsets = [0]
+    for size in sizes:
+        offsets.append(offsets[-1] + size)
+    h, c = h0, c0
+    ys = [None] * len(sizes)
+    for t in (reversed(range(len(sizes))) if reverse else range(len(sizes))):
+        n = sizes[t]
+        h_prev = h[:n]
+        c_prev = c[:n] if c is not None else None
+        h_new, c_new = cell.step(xp[offsets[t]:offsets[t + 1]], F.linear(h_prev, w_hh, b_hh),
+                                 h_prev, c_prev)
+        if w_hr is not None:
+            h_new = F.linear(h_new, w_hr)
+        ys[t] = h_new
+        # rows past n keep their state: ended sequences (forward) or not yet started (reverse)
+        h = h_new if n == h.shape[0] else torch.cat([h_new, h[n:]])
+        if c is not None:
+            c = c_new if n == c.shape[0] else torch.cat([c_new, c[n:]])
+    return torch.cat(ys), h, c
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+
+    def sequence(self, cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse):
+        return run_sequence(cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse)
+
+
+BACKEND = ReferenceBackend()

@@ -1,0 +1,36 @@
+"""Builds the optional C++ extension ``fusedrnn._C`` from csrc/cpu against the installed torch.
+
+Without a working compiler the build is skipped with a warning; the package still imports
+and ``fusedrnn.backends()`` reports the extension as missing.
+"""
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+ext_modules, cmdclass = [], {}
+try:
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+except ImportError:  # torch not importable at build time: pure-Python install
+    print("fusedrnn: torch not found at build time, skipping the C++ extension", file=sys.stderr)
+else:
+    class OptionalBuildExtension(BuildExtension):
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as exc:  # no compiler, bad toolchain: keep the pure-Python package
+                print(f"fusedrnn: building {ext.name} failed ({exc}); the 'cpu' backend "
+                      "will be unavailable", file=sys.stderr)
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    ext_modules.append(CppExtension(
+        name="fusedrnn._C",
+        sources=sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp"))),
+        include_dirs=[os.path.join(here, "csrc")],
+        extra_compile_args=["-O3", "-fopenmp"],
+        extra_link_args=["-fopenmp"],
+    ))
+    cmdclass["build_ext"] = OptionalBuildExtension
+
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -1,0 +1,35 @@
+"""Shared test helpers: random configurations, tolerances, and finding ../shared/data."""
+import os
+import random
+
+import pytest
+import torch
+
+
+def tolerances(dtype):
+    """(rtol, atol) that fit a dtype when comparing two correct implementations."""
+    return {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-5),
+            torch.bfloat16: (2e-2, 2e-2), torch.float16: (5e-3, 5e-3)}[dtype]
+
+
+def assert_close(actual, expected, dtype, what=""):
+    rtol, atol = tolerances(dtype)
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.fixture
+def rng(request):
+    """A fresh seed per test (printed on failure), so every run draws new inputs."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    print(f"{request.node.nodeid}: seed {seed}")  # shown by pytest when the test fails
+    return random.Random(seed)
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    from tasks.data import find_data_dir
+    path = find_data_dir()
+    if path is None:
+        pytest.skip("shared data directory not found (set FUSEDRNN_DATA)")
+    return path
