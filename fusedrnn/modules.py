@@ -97,10 +97,10 @@ class _FusedRNNMixin:
             if not is_batched:
                 states = [s.unsqueeze(1) for s in states]
             hx = tuple(states) if is_lstm else states[0]
+            self.check_forward_args(x, hx, batch_sizes)
             # Each batch of the hidden state should match the input sequence the user passed.
             hx = self.permute_hidden(hx, sorted_indices)
-        self.check_forward_args(x, hx if not packed or sorted_indices is None
-                                else self.permute_hidden(hx, unsorted_indices), batch_sizes)
+        self.check_forward_args(x, hx, batch_sizes)
         states = list(hx) if is_lstm else [hx]
         _check_device(name, x, self.weight_ih_l0, states)
         _check_state_dtype(name, x, states)

@@ -1,0 +1,335 @@
+"""fusedrnn's modules against torch.nn: every constructor option and input form."""
+import copy
+import itertools
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import fusedrnn
+from conftest import assert_close
+
+MODULES = {"lstm": (nn.LSTM, fusedrnn.LSTM), "gru": (nn.GRU, fusedrnn.GRU),
+           "rnn_tanh": (nn.RNN, fusedrnn.RNN), "rnn_relu": (nn.RNN, fusedrnn.RNN)}
+FORMS = ["padded", "packed_sorted", "packed_unsorted", "unbatched"]
+
+# A 2^(5-2) fractional factorial over the five binary options: every option takes both values
+# and every pair of (bidirectional, batch_first, bias) meets in all four combinations.
+DESIGN = [(a, b, c, a ^ b, a ^ c) for a, b, c in itertools.product((0, 1), repeat=3)]
+
+
+def make_pair(cell, layers, bidirectional, batch_first, bias, proj, dtype, dropout=0.0, backend="auto"):
+    torch_cls, fused_cls = MODULES[cell]
+    kw = dict(num_layers=layers, bidirectional=bool(bidirectional), batch_first=bool(batch_first),
+              bias=bool(bias), dropout=dropout)
+    if cell.startswith("rnn"):
+        kw["nonlinearity"] = cell[4:]
+    if proj:
+        kw["proj_size"] = proj
+    input_size, hidden = 5, 6
+    ref = torch_cls(input_size, hidden, **kw).to(dtype)
+    for p in ref.parameters():  # draw fresh weights (default init is small and correlated)
+        nn.init.uniform_(p, -0.6, 0.6)
+    fused = fused_cls(input_size, hidden, backend=backend, **kw).to(dtype)
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused
+
+
+def make_input(rng, ref, form, dtype, given_states):
+    steps, batch = rng.randint(1, 6), rng.randint(1, 4)
+    directions = 2 if ref.bidirectional else 1
+    out = ref.proj_size if getattr(ref, "proj_size", 0) else ref.hidden_size
+    x = torch.randn(steps, batch, ref.input_size, dtype=dtype)
+    if ref.batch_first:
+        x = x.transpose(0, 1).contiguous()
+    states = None
+    if given_states:
+        lead = (ref.num_layers * directions,) + ((batch,) if form != "unbatched" else ())
+        h0 = torch.randn(*lead, out, dtype=dtype)
+        states = (h0, torch.randn(*lead, ref.hidden_size, dtype=dtype)) if ref.mode == "LSTM" else h0
+    if form == "unbatched":
+        x = x[0] if ref.batch_first else x[:, 0]
+    return x, states, steps, batch
+
+
+def as_input(x, form, steps, batch, batch_first, rng):
+    """The module input for a form; gradients flow back to the padded leaf ``x``."""
+    if not form.startswith("packed"):
+        return x
+    lengths = [rng.randint(1, steps) for _ in range(batch)]
+    lengths[rng.randrange(batch)] = steps
+    if form == "packed_sorted":
+        lengths.sort(reverse=True)
+    return pack_padded_sequence(x, torch.tensor(lengths), batch_first=batch_first,
+                                enforce_sorted=form == "packed_sorted")
+
+
+def flat(output, hidden):
+    if isinstance(output, nn.utils.rnn.PackedSequence):
+        output = output.data
+    hidden = list(hidden) if isinstance(hidden, tuple) else [hidden]
+    return [output] + hidden
+
+
+def run_and_grad(module, x, states, form, steps, batch, seed, upstream=None):
+    import random
+    x = x.detach().clone().requires_grad_()
+    states = None if states is None else (
+        tuple(s.detach().clone().requires_grad_() for s in states) if isinstance(states, tuple)
+        else states.detach().clone().requires_grad_())
+    inp = as_input(x, form, steps, batch, module.batch_first, random.Random(seed))
+    outs = flat(*module(inp, states))
+    if upstream is None:
+        upstream = [torch.randn_like(o) for o in outs]
+    loss = sum((o * u).sum() for o, u in zip(outs, upstream))
+    leaves = [x] + ([] if states is None else list(states) if isinstance(states, tuple) else [states])
+    grads = torch.autograd.grad(loss, leaves + list(module.parameters()))
+    return outs, grads, upstream
+
+
+def check_parity(rng, cell, form, variant, dtype):
+    bidirectional, batch_first, bias, given_states, use_proj = DESIGN[variant]
+    layers = 1 + variant % 3
+    proj = 3 if use_proj and cell == "lstm" else 0
+    ref, fused = make_pair(cell, layers, bidirectional, batch_first, bias, proj, dtype)
+    x, states, steps, batch = make_input(rng, ref, form, dtype, given_states)
+    seed = rng.randrange(2**31)
+    ref_outs, ref_grads, upstream = run_and_grad(ref, x, states, form, steps, batch, seed)
+    outs, grads, _ = run_and_grad(fused, x, states, form, steps, batch, seed, upstream)
+    for i, (a, b) in enumerate(zip(outs, ref_outs)):
+        assert a.shape == b.shape
+        assert_close(a, b, dtype, f"output {i}")
+    names = ["input"] + ["state"] * (0 if states is None else len(states) if isinstance(states, tuple)
+                                     else 1) + [n for n, _ in ref.named_parameters()]
+    for name, a, b in zip(names, grads, ref_grads):
+        assert_close(a, b, dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("variant", range(len(DESIGN)))
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("cell", list(MODULES))
+def test_parity_float64(rng, cell, form, variant):
+    check_parity(rng, cell, form, variant, torch.float64)
+
+
+@pytest.mark.parametrize("variant", [0, 3, 5, 6])
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("cell", list(MODULES))
+def test_parity_float32(rng, cell, form, variant):
+    check_parity(rng, cell, form, variant, torch.float32)
+
+
+@pytest.mark.parametrize("cell", list(MODULES))
+def test_output_types_and_shapes(cell):
+    ref, fused = make_pair(cell, 2, True, True, True, 3 if cell == "lstm" else 0, torch.float32)
+    x = torch.randn(3, 4, 5)  # batch_first: 3 sequences of 4 steps
+    for a, b in [(ref(x), fused(x)), (ref(x[0]), fused(x[0]))]:
+        assert type(a[1]) is type(b[1])
+        for t, u in zip(flat(*a), flat(*b)):
+            assert t.shape == u.shape and t.dtype == u.dtype
+    packed = pack_padded_sequence(x, torch.tensor([4, 2, 1]), batch_first=True)
+    out, _ = fused(packed)
+    assert isinstance(out, nn.utils.rnn.PackedSequence)
+    padded, lengths = pad_packed_sequence(out, batch_first=True)
+    assert lengths.tolist() == [4, 2, 1] and padded.shape == ref(x)[0].shape
+
+
+@pytest.mark.parametrize("cell", list(MODULES))
+def test_inter_layer_dropout(rng, cell):
+    """Training-mode dropout draws the same masks as torch.nn from the same RNG state."""
+    ref, fused = make_pair(cell, 3, True, False, True, 0, torch.float64, dropout=0.4)
+    x = torch.randn(5, 3, 5, dtype=torch.float64)
+    seed = rng.randrange(2**31)
+    for train in (True, False):
+        ref.train(train), fused.train(train)
+        torch.manual_seed(seed)
+        a = flat(*ref(x))
+        torch.manual_seed(seed)
+        b = flat(*fused(x))
+        for t, u in zip(a, b):
+            assert_close(u, t, torch.float64, f"train={train}")
+    ref.train(True), fused.train(True)
+    torch.manual_seed(seed)
+    a = ref(x)[0]
+    b = fused(x)[0]  # a different RNG state: different masks
+    assert not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("fused_cls,torch_cls,kw", [
+    (fusedrnn.LSTMCell, nn.LSTMCell, {}), (fusedrnn.GRUCell, nn.GRUCell, {}),
+    (fusedrnn.RNNCell, nn.RNNCell, {"nonlinearity": "tanh"}),
+    (fusedrnn.RNNCell, nn.RNNCell, {"nonlinearity": "relu"}),
+    (fusedrnn.LSTMCell, nn.LSTMCell, {"bias": False}), (fusedrnn.GRUCell, nn.GRUCell, {"bias": False})])
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("given_states", [True, False])
+def test_cells(rng, fused_cls, torch_cls, kw, batched, given_states):
+    ref = torch_cls(4, 5, **kw).double()
+    for p in ref.parameters():
+        nn.init.uniform_(p, -0.6, 0.6)
+    fused = fused_cls(4, 5, **kw).double()
+    fused.load_state_dict(ref.state_dict())
+    lead = (3,) if batched else ()
+    x = torch.randn(*lead, 4, dtype=torch.float64, requires_grad=True)
+    states = None
+    if given_states:
+        n = 2 if torch_cls is nn.LSTMCell else 1
+        states = tuple(torch.randn(*lead, 5, dtype=torch.float64, requires_grad=True) for _ in range(n))
+        states = states if n == 2 else states[0]
+    a, b = ref(x, states), fused(x, states)
+    a, b = (list(a), list(b)) if isinstance(a, tuple) else ([a], [b])
+    upstream = [torch.randn_like(t) for t in a]
+    leaves = [x] + ([] if states is None else list(states) if isinstance(states, tuple) else [states])
+    ga = torch.autograd.grad(sum((t * u).sum() for t, u in zip(a, upstream)), leaves + list(ref.parameters()))
+    gb = torch.autograd.grad(sum((t * u).sum() for t, u in zip(b, upstream)), leaves + list(fused.parameters()))
+    for t, u in zip(a + list(ga), b + list(gb)):
+        assert t.shape == u.shape
+        assert_close(u, t, torch.float64)
+
+
+@pytest.mark.parametrize("cell", list(MODULES))
+def test_state_dict_round_trip(cell):
+    kw = dict(num_layers=2, bidirectional=True)
+    if cell == "lstm":
+        kw["proj_size"] = 2
+    if cell.startswith("rnn"):
+        kw["nonlinearity"] = cell[4:]
+    torch_cls, fused_cls = MODULES[cell]
+    ref, fused = torch_cls(3, 4, **kw), fused_cls(3, 4, **kw)
+    assert list(ref.state_dict()) == list(fused.state_dict())
+    fused.load_state_dict(ref.state_dict())
+    back = torch_cls(3, 4, **kw)
+    back.load_state_dict(fused.state_dict())
+    for (n, p), (m, q) in zip(ref.named_parameters(), back.named_parameters()):
+        assert n == m and torch.equal(p, q)
+    assert isinstance(fused, torch_cls)
+
+
+class Tagger(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(3, 4), nn.Tanh())
+        self.lstm = nn.LSTM(4, 5, num_layers=2, batch_first=True)
+        self.gru = nn.GRU(5, 5, bidirectional=True)
+        self.cell = nn.RNNCell(10, 3)
+
+    def forward(self, x):
+        y, _ = self.lstm(self.encoder(x))
+        y, _ = self.gru(y.transpose(0, 1))
+        return self.cell(y[-1])
+
+
+def test_convert_keeps_outputs_and_parameters():
+    model = Tagger().double()
+    x = torch.randn(2, 6, 3, dtype=torch.float64)
+    expected = model(x)
+    params = list(model.parameters())
+    converted = fusedrnn.convert(copy.deepcopy(model))
+    assert type(converted.lstm) is fusedrnn.LSTM and type(converted.gru) is fusedrnn.GRU
+    assert type(converted.cell) is fusedrnn.RNNCell
+    assert_close(converted(x), expected, torch.float64)
+    shared = fusedrnn.convert(model)  # in place: the very same Parameter objects
+    assert [id(p) for p in shared.parameters()] == [id(p) for p in params]
+    assert isinstance(fusedrnn.convert(nn.LSTM(2, 3)), fusedrnn.LSTM)
+
+
+# --- bad input: the same error types torch.nn raises ---
+
+def _both(cell):
+    return make_pair(cell, 2, False, False, True, 0, torch.float32)
+
+
+@pytest.mark.parametrize("cell", list(MODULES))
+@pytest.mark.parametrize("case,error", [
+    ("feature_size", RuntimeError), ("rank", ValueError), ("state_shape", RuntimeError),
+    ("state_rank", RuntimeError), ("dtype", ValueError)])
+def test_bad_input_raises_like_torch(cell, case, error):
+    ref, fused = _both(cell)
+    is_lstm = cell == "lstm"
+    x = torch.randn(4, 3, 5)
+    hx = None
+    if case == "feature_size":
+        x = torch.randn(4, 3, 7)
+    elif case == "rank":
+        x = torch.randn(4, 3, 5, 1)
+    elif case == "state_shape":
+        h = torch.randn(2, 2, 6)
+        hx = (h, torch.randn(2, 3, 6)) if is_lstm else h
+    elif case == "state_rank":
+        h = torch.randn(3, 6)
+        hx = (h, h) if is_lstm else h
+    elif case == "dtype":
+        x = x.double()
+    for module in (ref, fused):
+        with pytest.raises(error):
+            module(x, hx)
+
+
+def test_bad_state_dtype_and_unknown_backend():
+    with pytest.raises(ValueError, match="unknown backend"):
+        fusedrnn.LSTM(3, 4, backend="nope")
+    lstm = fusedrnn.GRU(3, 4)
+    with pytest.raises(ValueError, match="dtype"):
+        lstm(torch.randn(2, 1, 3), torch.randn(1, 1, 4, dtype=torch.float64))
+
+
+def test_device_mismatch_is_clear():
+    lstm = fusedrnn.LSTM(3, 4).to("meta")
+    with pytest.raises(RuntimeError, match="same device"):
+        lstm(torch.randn(2, 1, 3))
+
+
+@pytest.mark.parametrize("case", ["feature_size", "rank", "state_shape", "dtype"])
+def test_bad_cell_input(case):
+    ref, fused = nn.LSTMCell(3, 4), fusedrnn.LSTMCell(3, 4)
+    x, hx = torch.randn(2, 3), None
+    if case == "feature_size":
+        x = torch.randn(2, 5)
+    elif case == "rank":
+        x = torch.randn(2, 3, 1)
+    elif case == "state_shape":
+        hx = (torch.randn(3, 4), torch.randn(3, 4))
+    elif case == "dtype":
+        x = x.double()
+    with pytest.raises((RuntimeError, ValueError)):
+        ref(x, hx)
+    with pytest.raises((RuntimeError, ValueError)):
+        fused(x, hx)
+
+
+class _Missing(fusedrnn.backend.base.Backend):
+    name = "missing"
+
+    def unavailable_reason(self):
+        return "the widget is not installed"
+
+
+def test_backends_report_and_explicit_unavailable(monkeypatch):
+    from fusedrnn import dispatch
+    monkeypatch.setitem(dispatch._REGISTRY, "missing", "tests.test_api:_MISSING")
+    monkeypatch.setitem(dispatch._loaded, "missing", _Missing())
+    monkeypatch.setitem(dispatch._AUTO_ORDER, "cpu", ["missing", *dispatch._AUTO_ORDER["cpu"]])
+    status = fusedrnn.backends()
+    assert status["reference"] == "available"
+    assert status["missing"] == "unavailable: the widget is not installed"
+    x = torch.randn(3, 2, 3)
+    with pytest.raises(fusedrnn.BackendUnavailableError, match="widget"):
+        fusedrnn.LSTM(3, 4, backend="missing")(x)
+    out, _ = fusedrnn.LSTM(3, 4, backend="auto")(x)  # auto falls back past it
+    assert out.shape == (3, 2, 4)
+
+
+def test_packed_state_with_wrong_batch_is_a_clear_error():
+    lstm = fusedrnn.LSTM(3, 4)
+    x = torch.randn(5, 3, 3)
+    packed = pack_padded_sequence(x, torch.tensor([5, 2, 4]), enforce_sorted=False)
+    h = torch.randn(1, 2, 4)
+    with pytest.raises(RuntimeError, match="Expected hidden"):
+        lstm(packed, (h, h))
+
+
+@pytest.mark.parametrize("cell", list(MODULES))
+def test_module_gradcheck(cell):
+    _, fused = make_pair(cell, 2, True, False, True, 2 if cell == "lstm" else 0, torch.float64)
+    x = torch.randn(3, 2, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda inp: fused(inp)[0], (x,))
