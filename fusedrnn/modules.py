@@ -108,6 +108,8 @@ class _FusedRNNMixin:
         if packed:
             rows = x
         else:
+            if x.size(1 if self.batch_first else 0) == 0:
+                raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
             x = x.transpose(0, 1) if self.batch_first else x  # [T, B, I]
             steps = x.size(0)
             rows = x.reshape(steps * batch, x.size(2))
@@ -140,7 +142,7 @@ class _FusedRNNMixin:
         if packed:
             output = PackedSequence(layer_input, batch_sizes, sorted_indices, unsorted_indices)
             return output, self.permute_hidden(hidden, unsorted_indices)
-        output = layer_input.view(steps, batch, -1)
+        output = layer_input.view(steps, batch, layer_input.size(-1))
         if self.batch_first:
             output = output.transpose(0, 1)
         if not is_batched:

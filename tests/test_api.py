@@ -333,3 +333,14 @@ def test_module_gradcheck(cell):
     _, fused = make_pair(cell, 2, True, False, True, 2 if cell == "lstm" else 0, torch.float64)
     x = torch.randn(3, 2, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda inp: fused(inp)[0], (x,))
+
+
+@pytest.mark.parametrize("cell", list(MODULES))
+def test_empty_batch_and_empty_sequence(cell):
+    ref, fused = make_pair(cell, 2, True, False, True, 0, torch.float32)
+    empty_batch = torch.randn(3, 0, 5)
+    for a, b in zip(flat(*ref(empty_batch)), flat(*fused(empty_batch))):
+        assert a.shape == b.shape
+    for module in (ref, fused):
+        with pytest.raises(RuntimeError, match="sequence length"):
+            module(torch.randn(0, 2, 5))
