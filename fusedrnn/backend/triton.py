@@ -20,7 +20,7 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # On-chip budget of the persistent kernel, in bytes of W_hh held by one program.
 # See PersistentBackend.unsupported_reason for the derivation.
-PERSISTENT_W_BUDGET = 64 * 1024
+PERSISTENT_W_BUDGET = 96 * 1024
 
 
 def _interpreting() -> bool:
@@ -29,6 +29,16 @@ def _interpreting() -> bool:
 
 def _next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
+
+
+def _padded(hidden: int) -> int:
+    """Width of the persistent kernel's on-chip tiles: tl.arange needs a power of two and
+    tl.dot at least 16."""
+    return max(16, _next_pow2(hidden))
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _kernels():
@@ -62,12 +72,6 @@ def _h_prev_rows(sizes: List[int], offsets: List[int], reverse: bool, device) ->
             rows = torch.where(rows < sizes[p], batch + offsets[p] + rows, rows)
         parts.append(rows)
     return torch.cat(parts).to(device)
-
-
-def _dot_dtype(dtype, tl):
-    if dtype == torch.bfloat16 and _interpreting():
-        return tl.float32  # the interpreter's bf16 tl.dot gives wrong results
-    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
 
 
 class _Sequence(torch.autograd.Function):
@@ -207,42 +211,57 @@ class AlternatingBackend(_TritonBackend):
         return dxp, dhg, dh.to(xp.dtype), dc.to(xp.dtype) if lstm else None, d_w_hr
 
 
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 class PersistentBackend(_TritonBackend):
     """One launch per layer-direction; W_hh, h and c stay on chip for the whole sequence."""
 
     name = "triton:persistent"
 
     def unsupported_reason(self, device, dtype, cell, hidden_size, proj_size):
-        """Adds the on-chip limit to the base checks.
+        """Adds the persistent kernel's limits to the base checks.
 
-        A program holds W_hh as ``G`` gate tiles of ``HP x HP`` elements (HP = hidden size
-        rounded up to a power of two) in the dot dtype, for the whole sequence, beside the
-        h/c state and G fp32 gate tiles of ``BB x HP``. PERSISTENT_W_BUDGET caps the tiles'
-        bytes ``G * HP^2 * itemsize``: measured with ``triton.compile`` for sm_80 and sm_90
-        (tests/test_kernels_triton.py::test_compiles_without_spills, README.triton.md),
-        configurations within it compile with no local-memory spills at 8 warps, where
-        the 64K-register file (256 KB) of one SM also has to hold everything else.
+        On-chip size limit: a program holds W_hh for the whole sequence as G gate tiles of
+        ``HP x HP`` (HP = hidden size rounded up to a power of two, at least 16), i.e.
+        ``G * HP^2 * itemsize`` bytes, which must not exceed PERSISTENT_W_BUDGET (96 KiB).
+        Derivation, from ``triton.compile`` for sm_80 and sm_90 (README.triton.md has the
+        table; tests/test_kernels_triton.py re-checks the largest admitted configs):
+        Triton keeps the loop-invariant W operand of ``tl.dot`` in shared memory, and a
+        kernel's shared use is W plus up to ~50 KB of layout-conversion scratch (backward;
+        ~8 KB forward; W twice for fp32 on sm_90, whose "tf32x3" dot splits it). The
+        largest admitted tiles (GRU 16-bit HP=128: 96 KB; LSTM fp32 HP=64: 64 KB) then need
+        at most 131 KB (sm_80) / 184 KB (sm_90) per block, within the 163 KB / 227 KB
+        limits, with no local-memory spills at 8 warps. The next size up (LSTM 16-bit
+        HP=128, 128 KB) needs 180 KB in the backward, over sm_80's limit, and spills.
         """
         reason = super().unsupported_reason(device, dtype, cell, hidden_size, proj_size)
         if reason:
             return reason
         if proj_size:
             return "proj_size is not supported by the persistent kernel"
-        hp = max(16, _next_pow2(hidden_size))
+        hp = _padded(hidden_size)
         w_bytes = cell.gates * hp * hp * dtype.itemsize
         if w_bytes > PERSISTENT_W_BUDGET:
-            return (f"W_hh tiles of {cell.name} at hidden {hidden_size} (padded {hp}) take "
-                    f"{w_bytes // 1024} KiB in {dtype}, over the persistent kernel's on-chip "
-                    f"budget of {PERSISTENT_W_BUDGET // 1024} KiB per program")
+            return (f"W_hh of {cell.name} at hidden {hidden_size} (tiles padded to {hp}) "
+                    f"takes {w_bytes // 1024} KiB in {dtype}, over the persistent kernel's "
+                    f"on-chip budget of {PERSISTENT_W_BUDGET // 1024} KiB per program")
         return None
 
     @staticmethod
-    def _config(hidden):
-        return dict(BB=16, HP=max(16, _next_pow2(hidden)), num_warps=4)
+    def _launch(kernel, batch, hidden, xp, *args, **constexprs):
+        """Launch with a fixed tile in the interpreter, autotuned (BB, num_warps) on a GPU."""
+        import triton.language as tl
+        fp32_precision = "ieee"
+        if xp.is_cuda and torch.cuda.get_device_capability(xp.device)[0] >= 9:
+            fp32_precision = "tf32x3"  # see fusedrnn/kernels/persistent.py
+        dot_dtype = {torch.float32: tl.float32, torch.float16: tl.float16,
+                     torch.bfloat16: tl.bfloat16}[xp.dtype]
+        if xp.dtype == torch.bfloat16 and _interpreting():
+            dot_dtype = tl.float32  # the interpreter's bf16 tl.dot gives wrong results
+        constexprs.update(DOT_DTYPE=dot_dtype, FP32_PRECISION=fp32_precision,
+                          HP=_padded(hidden))
+        tuned = _tuned(kernel)
+        if tuned is kernel:
+            constexprs.update(BB=16, num_warps=4)
+        tuned[lambda meta: (triton_cdiv(batch, meta["BB"]),)](xp, *args, **constexprs)
 
     def forward_loop(self, cell, sizes, offsets, reverse, xp, h0, c0, w_hh, b_hh, w_hr):
         cells, _, persistent = _kernels()
@@ -255,13 +274,12 @@ class PersistentBackend(_TritonBackend):
         c_n = torch.empty_like(c0) if lstm else y
         dev_sizes = torch.tensor(sizes, dtype=torch.int32, device=xp.device)
         dev_offsets = torch.tensor(offsets, dtype=torch.int32, device=xp.device)
-        conf = self._config(hidden)
-        grid = (triton_cdiv(sizes[0], conf["BB"]),)
-        persistent.sequence_fwd_kernel[grid](
+        self._launch(
+            persistent.sequence_fwd_kernel, sizes[0], hidden,
             xp, dev_sizes, dev_offsets, len(sizes), h0, c0 if lstm else h0, w_hh,
             b_hh if b_hh is not None else w_hh, y, hg_all, c_all, h_n, c_n, hidden,
             CELL=cells.CELL_IDS[cell.name], G=cell.gates, HAS_BIAS=b_hh is not None,
-            REVERSE=reverse, DOT_DTYPE=_dot_dtype(xp.dtype, _triton_language()), **conf)
+            REVERSE=reverse)
         saved = [hg_all, dev_sizes, dev_offsets] + ([c_all] if lstm else [])
         return y, h_n, (c_n if lstm else None), saved
 
@@ -276,20 +294,29 @@ class PersistentBackend(_TritonBackend):
         dhg = torch.empty_like(xp) if gru else dxp
         dh0 = torch.empty_like(h0)
         dc0 = torch.empty_like(c0) if lstm else None
-        conf = self._config(hidden)
-        grid = (triton_cdiv(sizes[0], conf["BB"]),)
-        persistent.sequence_bwd_kernel[grid](
+        self._launch(
+            persistent.sequence_bwd_kernel, sizes[0], hidden,
             xp, hg_all, y, h0, c_all, c0 if lstm else h0, dev_sizes, dev_offsets, len(sizes),
             w_hh, dy, dh_n.contiguous(), dc_n.contiguous() if lstm else h0, dxp, dhg, dh0,
             dc0 if lstm else dh0, hidden,
-            CELL=cells.CELL_IDS[cell.name], G=cell.gates, REVERSE=reverse,
-            DOT_DTYPE=_dot_dtype(xp.dtype, _triton_language()), **conf)
+            CELL=cells.CELL_IDS[cell.name], G=cell.gates, REVERSE=reverse)
         return dxp, dhg, dh0, dc0, None
 
 
-def _triton_language():
-    import triton.language as tl
-    return tl
+_TUNED = {}
+
+
+def _tuned(kernel):
+    """The kernel itself in the interpreter; on a GPU, autotuned over the batch tile and
+    warps, keyed on the hidden size and cell (the autotuner adds the tensors' dtypes)."""
+    if _interpreting():
+        return kernel
+    if kernel not in _TUNED:
+        import triton
+        configs = [triton.Config({"BB": 16}, num_warps=4), triton.Config({"BB": 16}, num_warps=8),
+                   triton.Config({"BB": 32}, num_warps=8)]
+        _TUNED[kernel] = triton.autotune(configs, key=["H", "CELL"])(kernel)
+    return _TUNED[kernel]
 
 
 PERSISTENT = PersistentBackend()

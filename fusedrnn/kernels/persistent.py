@@ -8,7 +8,10 @@ kernel also runs (sequentially) in the interpreter. Rows at or past a step's act
 keep their state (``tl.where``), which handles packed sequences in either direction.
 
 Operands of ``tl.dot`` are DOT_DTYPE (the storage dtype; fp32 for bf16 in the interpreter,
-whose bf16 dot is wrong); accumulation, gates and the cell state are fp32.
+whose bf16 dot is wrong); accumulation, gates and the cell state are fp32. fp32 operands use
+FP32_PRECISION: "ieee" (exact fp32 products), except on sm_90+, where Triton 3.9's ieee
+(FMA) lowering of the LSTM backward trips an LLVM SLP-vectorizer assertion at HP >= 32;
+there the backend passes "tf32x3" (three TF32 products, about fp32 accuracy).
 """
 import triton
 import triton.language as tl
@@ -17,11 +20,12 @@ from .cells import GRU, LSTM, cell_bwd, cell_fwd, load_gates, load_prev, store_g
 
 
 @triton.jit
-def _dot(a, w, DOT_DTYPE: tl.constexpr):
+def _dot(a, w, acc, DOT_DTYPE: tl.constexpr, FP32_PRECISION: tl.constexpr):
+    """acc + a @ w with fp32 accumulation; FP32_PRECISION applies to fp32 operands."""
     if DOT_DTYPE == tl.float32:
-        return tl.dot(a.to(DOT_DTYPE), w, input_precision="ieee")
+        return tl.dot(a.to(DOT_DTYPE), w, acc, input_precision=FP32_PRECISION)
     else:
-        return tl.dot(a.to(DOT_DTYPE), w)
+        return tl.dot(a.to(DOT_DTYPE), w, acc)
 
 
 @triton.jit
@@ -40,7 +44,7 @@ def sequence_fwd_kernel(xp_ptr, sizes_ptr, offsets_ptr, T, h0_ptr, c0_ptr, w_ptr
                         y_ptr, hg_save_ptr, c_save_ptr, hn_ptr, cn_ptr, H,
                         CELL: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr,
                         REVERSE: tl.constexpr, DOT_DTYPE: tl.constexpr,
-                        BB: tl.constexpr, HP: tl.constexpr):
+                        FP32_PRECISION: tl.constexpr, BB: tl.constexpr, HP: tl.constexpr):
     """y, h_n, c_n; saves hg (fp32, for the backward) and c_new per step (LSTM)."""
     rows = tl.program_id(0) * BB + tl.arange(0, BB)[:, None]
     cols = tl.arange(0, HP)[None, :]
@@ -70,15 +74,15 @@ def sequence_fwd_kernel(xp_ptr, sizes_ptr, offsets_ptr, T, h0_ptr, c0_ptr, w_ptr
         off = tl.load(offsets_ptr + t)
         active = rows < n
         mask = active & (cols < H)
-        g0 = _dot(h, w0, DOT_DTYPE) + b0
+        g0 = _dot(h, w0, b0, DOT_DTYPE, FP32_PRECISION)
         g1 = g0
         g2 = g0
         g3 = g0
         if G > 1:
-            g1 = _dot(h, w1, DOT_DTYPE) + b1
-            g2 = _dot(h, w2, DOT_DTYPE) + b2
+            g1 = _dot(h, w1, b1, DOT_DTYPE, FP32_PRECISION)
+            g2 = _dot(h, w2, b2, DOT_DTYPE, FP32_PRECISION)
         if G > 3:
-            g3 = _dot(h, w3, DOT_DTYPE) + b3
+            g3 = _dot(h, w3, b3, DOT_DTYPE, FP32_PRECISION)
         x0, x1, x2, x3 = load_gates(xp_ptr + off * G * H, G * H, rows, cols, H, mask, G)
         h_new, c_new = cell_fwd(CELL, x0, x1, x2, x3, g0, g1, g2, g3, h, c)
         # round h to storage so the state equals what y (and the backward) sees
@@ -99,7 +103,8 @@ def sequence_bwd_kernel(xp_ptr, hg_save_ptr, y_ptr, h0_ptr, c_save_ptr, c0_ptr,
                         sizes_ptr, offsets_ptr, T, w_ptr, dy_ptr, dhn_ptr, dcn_ptr,
                         dxp_ptr, dhg_ptr, dh0_ptr, dc0_ptr, H,
                         CELL: tl.constexpr, G: tl.constexpr, REVERSE: tl.constexpr,
-                        DOT_DTYPE: tl.constexpr, BB: tl.constexpr, HP: tl.constexpr):
+                        DOT_DTYPE: tl.constexpr, FP32_PRECISION: tl.constexpr,
+                        BB: tl.constexpr, HP: tl.constexpr):
     """Walks the steps backwards: dxp, dhg (GRU; else dhg == dxp), dh0, dc0.
 
     dh and dc stay on chip; dh_prev = direct term + sum_g dhg_g @ W_g with W_g on chip.
@@ -152,11 +157,12 @@ def sequence_bwd_kernel(xp_ptr, hg_save_ptr, y_ptr, h0_ptr, c_save_ptr, c0_ptr,
         store_gates(dxp_ptr + off * G * H, G * H, rows, cols, H, mask, G, d0, d1, d2, d3)
         if CELL == GRU:
             store_gates(dhg_ptr + off * G * H, G * H, rows, cols, H, mask, G, e0, e1, e2, e3)
-        dh_prev = dh_direct + _dot(e0, w0, DOT_DTYPE)
+        dh_prev = _dot(e0, w0, dh_direct, DOT_DTYPE, FP32_PRECISION)
         if G > 1:
-            dh_prev += _dot(e1, w1, DOT_DTYPE) + _dot(e2, w2, DOT_DTYPE)
+            dh_prev = _dot(e1, w1, dh_prev, DOT_DTYPE, FP32_PRECISION)
+            dh_prev = _dot(e2, w2, dh_prev, DOT_DTYPE, FP32_PRECISION)
         if G > 3:
-            dh_prev += _dot(e3, w3, DOT_DTYPE)
+            dh_prev = _dot(e3, w3, dh_prev, DOT_DTYPE, FP32_PRECISION)
         dh = tl.where(active, dh_prev, dh)
         dc = tl.where(active, dc_prev, dc)
     tl.store(dh0_ptr + rows * H + cols, dh.to(dh0_ptr.dtype.element_ty), mask=state_mask)
