@@ -135,10 +135,10 @@ class AlternatingBackend(_TritonBackend):
     """Per step: ``hg = h W_hh^T + b_hh`` by torch matmul, then one fused pointwise kernel."""
 
     name = "triton:alternating"
-    BR = 16  # rows per pointwise tile
+    BR = 16  # rows per pointwise tile (16 x 64 keeps the GRU backward spill-free at 4 warps)
 
     def _grid(self, n, hidden):
-        bh = min(128, _next_pow2(hidden))
+        bh = min(64, _next_pow2(hidden))
         return (triton_cdiv(n, self.BR), triton_cdiv(hidden, bh)), bh
 
     def forward_loop(self, cell, sizes, offsets, reverse, xp, h0, c0, w_hh, b_hh, w_hr):
@@ -249,14 +249,14 @@ class PersistentBackend(_TritonBackend):
     def _launch(kernel, batch, hidden, xp, *args, **constexprs):
         """Launch with a fixed tile in the interpreter, autotuned (BB, num_warps) on a GPU."""
         import triton.language as tl
-        fp32_precision = "ieee"
-        if xp.is_cuda and torch.cuda.get_device_capability(xp.device)[0] >= 9:
-            fp32_precision = "tf32x3"  # see fusedrnn/kernels/persistent.py
+
+        from ..kernels.compile_report import fp32_precision
+        arch_major = torch.cuda.get_device_capability(xp.device)[0] if xp.is_cuda else 0
         dot_dtype = {torch.float32: tl.float32, torch.float16: tl.float16,
                      torch.bfloat16: tl.bfloat16}[xp.dtype]
         if xp.dtype == torch.bfloat16 and _interpreting():
             dot_dtype = tl.float32  # the interpreter's bf16 tl.dot gives wrong results
-        constexprs.update(DOT_DTYPE=dot_dtype, FP32_PRECISION=fp32_precision,
+        constexprs.update(DOT_DTYPE=dot_dtype, FP32_PRECISION=fp32_precision(arch_major),
                           HP=_padded(hidden))
         tuned = _tuned(kernel)
         if tuned is kernel:
@@ -313,8 +313,8 @@ def _tuned(kernel):
         return kernel
     if kernel not in _TUNED:
         import triton
-        configs = [triton.Config({"BB": 16}, num_warps=4), triton.Config({"BB": 16}, num_warps=8),
-                   triton.Config({"BB": 32}, num_warps=8)]
+        configs = [triton.Config({"BB": 16}, num_warps=w) for w in (4, 8, 16)] \
+            + [triton.Config({"BB": 32}, num_warps=8)]
         _TUNED[kernel] = triton.autotune(configs, key=["H", "CELL"])(kernel)
     return _TUNED[kernel]
 
