@@ -84,6 +84,22 @@ def test_persistent_padded_hidden(rng):
                    reverse=rng.random() < 0.5, dtype=torch.float32, scale=0.3)
 
 
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_inference_skips_saving(path, rng):
+    """Without grad the forward writes no backward buffers; outputs must not change."""
+    from fusedrnn.backend.reference import BACKEND as reference
+    from sequence_check import sequence_inputs
+    for cell, proj in (("lstm", 6 if path is triton_backend.ALTERNATING else 0), ("gru", 0)):
+        args = sequence_inputs(CELLS[cell], random_batch_sizes(rng, 4, 5, True), 10, proj,
+                               dtype=torch.float32)
+        with torch.no_grad():
+            ours = path.sequence(CELLS[cell], **args, reverse=True)
+            ref = reference.sequence(CELLS[cell], **args, reverse=True)
+        for a, b in zip(ours, ref):
+            if b is not None:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def _lengths(rng, steps, batch):
     return sorted([steps] + [rng.randint(1, steps) for _ in range(batch - 1)], reverse=True)
 

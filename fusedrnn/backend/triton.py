@@ -83,8 +83,9 @@ class _Sequence(torch.autograd.Function):
         xp, h0, w_hh = xp.contiguous(), h0.contiguous(), w_hh.contiguous()
         c0 = c0.contiguous() if c0 is not None else None
         w_hr = w_hr.contiguous() if w_hr is not None else None
+        save = any(ctx.needs_input_grad)  # inference skips writing what backward reads
         y, h_n, c_n, saved = path.forward_loop(cell, sizes, offsets, reverse, xp, h0, c0,
-                                               w_hh, b_hh, w_hr)
+                                               w_hh, b_hh, w_hr, save)
         ctx.path, ctx.cell, ctx.reverse, ctx.steps = path, cell, reverse, (sizes, offsets)
         ctx.has_bias = b_hh is not None
         ctx.save_for_backward(xp, h0, c0, w_hh, w_hr, y, *saved)
@@ -141,7 +142,7 @@ class AlternatingBackend(_TritonBackend):
         bh = min(64, _next_pow2(hidden))
         return (triton_cdiv(n, self.BR), triton_cdiv(hidden, bh)), bh
 
-    def forward_loop(self, cell, sizes, offsets, reverse, xp, h0, c0, w_hh, b_hh, w_hr):
+    def forward_loop(self, cell, sizes, offsets, reverse, xp, h0, c0, w_hh, b_hh, w_hr, save):
         cells, pointwise, _ = _kernels()
         rows, hidden = xp.shape[0], w_hh.shape[0] // cell.gates
         lstm = cell.has_cell_state
@@ -150,28 +151,32 @@ class AlternatingBackend(_TritonBackend):
         c = c0.float() if lstm else None  # .float() copies unless c0 is already fp32
         if lstm and c is c0:
             c = c0.clone()
-        hg_all = torch.empty_like(xp)
-        c_all = xp.new_empty(rows, hidden, dtype=torch.float32) if lstm else None
-        m_all = xp.new_empty(rows, hidden) if w_hr is not None else None
+        # without save, hg and m live in one step-sized buffer (rows [0, n) of step t)
+        hg_all = torch.empty_like(xp) if save else xp.new_empty(sizes[0], xp.shape[1])
+        c_all = xp.new_empty(rows, hidden, dtype=torch.float32) if lstm and save else y
+        m_all = None
+        if w_hr is not None:
+            m_all = xp.new_empty(rows if save else sizes[0], hidden)
         for t in (reversed(range(len(sizes))) if reverse else range(len(sizes))):
             n, off = sizes[t], offsets[t]
-            hg = hg_all[off:off + n]
+            at = off if save else 0  # row of this step in the saved buffers
+            hg = hg_all[at:at + n]
             if b_hh is not None:
                 torch.addmm(b_hh, h[:n], w_hh.t(), out=hg)
             else:
                 torch.mm(h[:n], w_hh.t(), out=hg)
-            out = (m_all if w_hr is not None else y)[off:off + n]
+            out = m_all[at:at + n] if w_hr is not None else y[off:off + n]
             grid, bh = self._grid(n, hidden)
             pointwise.step_fwd_kernel[grid](
-                xp[off:], hg, h, c if lstm else y, out, c_all[off:] if lstm else y, n, hidden,
+                xp[off:], hg, h, c if lstm else y, out, c_all[off:] if save else y, n, hidden,
                 CELL=cells.CELL_IDS[cell.name], G=cell.gates, WRITE_H=w_hr is None,
-                BR=self.BR, BH=bh)
+                SAVE=save, BR=self.BR, BH=bh)
             if w_hr is not None:
                 torch.mm(out, w_hr.t(), out=y[off:off + n])
                 h[:n] = y[off:off + n]
         c_n = c.to(xp.dtype) if lstm else None
         saved = [hg_all] + ([c_all] if lstm else []) + ([m_all] if w_hr is not None else [])
-        return y, h, c_n, saved
+        return y, h, c_n, saved if save else []
 
     def backward_loop(self, cell, sizes, offsets, reverse, xp, h0, c0, w_hh, w_hr, y, saved,
                       dy, dh_n, dc_n):
@@ -263,13 +268,13 @@ class PersistentBackend(_TritonBackend):
             constexprs.update(BB=16, num_warps=4)
         tuned[lambda meta: (triton_cdiv(batch, meta["BB"]),)](xp, *args, **constexprs)
 
-    def forward_loop(self, cell, sizes, offsets, reverse, xp, h0, c0, w_hh, b_hh, w_hr):
+    def forward_loop(self, cell, sizes, offsets, reverse, xp, h0, c0, w_hh, b_hh, w_hr, save):
         cells, _, persistent = _kernels()
         rows, hidden = xp.shape[0], h0.shape[1]
         lstm = cell.has_cell_state
         y = xp.new_empty(rows, hidden)
-        hg_all = xp.new_empty(xp.shape, dtype=torch.float32)
-        c_all = xp.new_empty(rows, hidden, dtype=torch.float32) if lstm else y
+        hg_all = xp.new_empty(xp.shape, dtype=torch.float32) if save else y
+        c_all = xp.new_empty(rows, hidden, dtype=torch.float32) if lstm and save else y
         h_n = torch.empty_like(h0)
         c_n = torch.empty_like(c0) if lstm else y
         dev_sizes = torch.tensor(sizes, dtype=torch.int32, device=xp.device)
@@ -279,7 +284,7 @@ class PersistentBackend(_TritonBackend):
             xp, dev_sizes, dev_offsets, len(sizes), h0, c0 if lstm else h0, w_hh,
             b_hh if b_hh is not None else w_hh, y, hg_all, c_all, h_n, c_n, hidden,
             CELL=cells.CELL_IDS[cell.name], G=cell.gates, HAS_BIAS=b_hh is not None,
-            REVERSE=reverse)
+            REVERSE=reverse, SAVE=save)
         saved = [hg_all, dev_sizes, dev_offsets] + ([c_all] if lstm else [])
         return y, h_n, (c_n if lstm else None), saved
 

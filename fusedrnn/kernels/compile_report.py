@@ -62,10 +62,11 @@ def compile_kernel(kernel, arch, cell, dtype, hidden, num_warps):
                                      "bf16": tl.bfloat16}[dtype],
                           FP32_PRECISION=fp32_precision(arch // 10))
         if kernel == "sequence_fwd":
-            constexprs["HAS_BIAS"] = True
+            constexprs.update(HAS_BIAS=True, SAVE=True)
     else:
         constexprs = dict(common, BR=16, BH=min(64, 1 << (hidden - 1).bit_length()))
-        constexprs["WRITE_H" if kernel == "step_fwd" else "HAS_DY"] = True
+        constexprs.update(dict(WRITE_H=True, SAVE=True) if kernel == "step_fwd"
+                          else dict(HAS_DY=True))
     fp32_state = {"c_ptr", "c_save_ptr", "hg_save_ptr", "dc_ptr", "c_prev_ptr"}
     signature = {}
     for name in fn.arg_names:

@@ -43,9 +43,9 @@ def _load_w(w_ptr, gate, rows, cols, H, TRANSPOSE: tl.constexpr, DOT_DTYPE: tl.c
 def sequence_fwd_kernel(xp_ptr, sizes_ptr, offsets_ptr, T, h0_ptr, c0_ptr, w_ptr, b_ptr,
                         y_ptr, hg_save_ptr, c_save_ptr, hn_ptr, cn_ptr, H,
                         CELL: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        REVERSE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                        REVERSE: tl.constexpr, SAVE: tl.constexpr, DOT_DTYPE: tl.constexpr,
                         FP32_PRECISION: tl.constexpr, BB: tl.constexpr, HP: tl.constexpr):
-    """y, h_n, c_n; saves hg (fp32, for the backward) and c_new per step (LSTM)."""
+    """y, h_n, c_n; with SAVE (for the backward) also hg (fp32) and c_new (LSTM) per step."""
     rows = tl.program_id(0) * BB + tl.arange(0, BB)[:, None]
     cols = tl.arange(0, HP)[None, :]
     wk = tl.arange(0, HP)[:, None]
@@ -88,9 +88,11 @@ def sequence_fwd_kernel(xp_ptr, sizes_ptr, offsets_ptr, T, h0_ptr, c0_ptr, w_ptr
         # round h to storage so the state equals what y (and the backward) sees
         h_new = h_new.to(y_ptr.dtype.element_ty)
         tl.store(y_ptr + (off + rows) * H + cols, h_new, mask=mask)
-        store_gates(hg_save_ptr + off * G * H, G * H, rows, cols, H, mask, G, g0, g1, g2, g3)
-        if CELL == LSTM:
-            tl.store(c_save_ptr + (off + rows) * H + cols, c_new, mask=mask)
+        if SAVE:
+            store_gates(hg_save_ptr + off * G * H, G * H, rows, cols, H, mask, G,
+                        g0, g1, g2, g3)
+            if CELL == LSTM:
+                tl.store(c_save_ptr + (off + rows) * H + cols, c_new, mask=mask)
         h = tl.where(active, h_new.to(tl.float32), h)
         c = tl.where(active, c_new, c)
     tl.store(hn_ptr + rows * H + cols, h.to(hn_ptr.dtype.element_ty), mask=state_mask)

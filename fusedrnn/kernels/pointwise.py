@@ -14,8 +14,9 @@ from .cells import GRU, LSTM, cell_bwd, cell_fwd, load_gates, load_prev, store_g
 @triton.jit
 def step_fwd_kernel(xg_ptr, hg_ptr, h_ptr, c_ptr, out_ptr, c_save_ptr, n, H,
                     CELL: tl.constexpr, G: tl.constexpr, WRITE_H: tl.constexpr,
-                    BR: tl.constexpr, BH: tl.constexpr):
-    """out[:n] = h_new; c (fp32 state) and c_save[:n] = c_new (LSTM); h state too if WRITE_H."""
+                    SAVE: tl.constexpr, BR: tl.constexpr, BH: tl.constexpr):
+    """out[:n] = h_new, and the h state too if WRITE_H; for the LSTM c (fp32 state) = c_new,
+    and c_save[:n] = c_new if SAVE (for the backward)."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)[:, None]
     cols = tl.program_id(1) * BH + tl.arange(0, BH)[None, :]
     mask = (rows < n) & (cols < H)
@@ -33,7 +34,8 @@ def step_fwd_kernel(xg_ptr, hg_ptr, h_ptr, c_ptr, out_ptr, c_save_ptr, n, H,
         tl.store(h_ptr + rows * H + cols, h_new.to(h_ptr.dtype.element_ty), mask=mask)
     if CELL == LSTM:
         tl.store(c_ptr + rows * H + cols, c_new, mask=mask)
-        tl.store(c_save_ptr + rows * H + cols, c_new, mask=mask)
+        if SAVE:
+            tl.store(c_save_ptr + rows * H + cols, c_new, mask=mask)
 
 
 @triton.jit
