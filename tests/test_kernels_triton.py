@@ -40,9 +40,11 @@ LOW_PRECISION_TOL = {torch.float16: (1e-2, 1e-3), torch.bfloat16: (6e-2, 1e-2)}
 @pytest.mark.parametrize("cell", CELL_NAMES)
 @pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
 def test_fp32_packed(path, cell, reverse, rng):
-    # hidden 20 is no power of two; 18 rows fill one 16-row tile and part of a second
+    # hidden 20 is no power of two; 18 rows fill one 16-row tile and part of a second.
+    # scale 0.3 keeps the recurrence near-contractive: at 0.5, fp32 rounding grown over the
+    # steps exceeded 1e-5 against float64 in ~3% of RNN draws (for any fp32 implementation)
     check_sequence(path, cell, random_batch_sizes(rng, 5, 18, packed=True), 20,
-                   reverse=reverse, dtype=torch.float32)
+                   reverse=reverse, dtype=torch.float32, scale=0.3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

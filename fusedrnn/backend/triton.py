@@ -255,7 +255,7 @@ class PersistentBackend(_TritonBackend):
         """Launch with a fixed tile in the interpreter, autotuned (BB, num_warps) on a GPU."""
         import triton.language as tl
 
-        from ..kernels.compile_report import fp32_precision
+        from ..kernels.persistent import fp32_precision
         arch_major = torch.cuda.get_device_capability(xp.device)[0] if xp.is_cuda else 0
         dot_dtype = {torch.float32: tl.float32, torch.float16: tl.float16,
                      torch.bfloat16: tl.bfloat16}[xp.dtype]

@@ -34,13 +34,6 @@ DEFAULT_CONFIGS = [
 ]
 
 
-def fp32_precision(arch_major: int) -> str:
-    """input_precision of fp32 tl.dot on a GPU: "ieee" (exact products) below sm_90; on
-    sm_90+ Triton 3.9's ieee lowering of the persistent LSTM backward crashes LLVM's SLP
-    vectorizer, so "tf32x3" (about fp32 accuracy) is used there."""
-    return "ieee" if arch_major < 9 else "tf32x3"
-
-
 def compile_kernel(kernel, arch, cell, dtype, hidden, num_warps):
     import triton
     import triton.language as tl
@@ -60,7 +53,7 @@ def compile_kernel(kernel, arch, cell, dtype, hidden, num_warps):
         constexprs = dict(common, REVERSE=False, BB=16, HP=hp,
                           DOT_DTYPE={"fp32": tl.float32, "fp16": tl.float16,
                                      "bf16": tl.bfloat16}[dtype],
-                          FP32_PRECISION=fp32_precision(arch // 10))
+                          FP32_PRECISION=persistent.fp32_precision(arch // 10))
         if kernel == "sequence_fwd":
             constexprs.update(HAS_BIAS=True, SAVE=True)
     else:

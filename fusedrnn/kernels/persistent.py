@@ -9,14 +9,19 @@ keep their state (``tl.where``), which handles packed sequences in either direct
 
 Operands of ``tl.dot`` are DOT_DTYPE (the storage dtype; fp32 for bf16 in the interpreter,
 whose bf16 dot is wrong); accumulation, gates and the cell state are fp32. fp32 operands use
-FP32_PRECISION: "ieee" (exact fp32 products), except on sm_90+, where Triton 3.9's ieee
-(FMA) lowering of the LSTM backward trips an LLVM SLP-vectorizer assertion at HP >= 32;
-there the backend passes "tf32x3" (three TF32 products, about fp32 accuracy).
+FP32_PRECISION (see ``fp32_precision``).
 """
 import triton
 import triton.language as tl
 
 from .cells import GRU, LSTM, cell_bwd, cell_fwd, load_gates, load_prev, store_gates
+
+
+def fp32_precision(arch_major: int) -> str:
+    """input_precision of fp32 tl.dot on a GPU: "ieee" (exact products) below sm_90; on
+    sm_90+ Triton 3.9's ieee lowering of the persistent LSTM backward crashes LLVM's SLP
+    vectorizer, so "tf32x3" (about fp32 accuracy) is used there."""
+    return "ieee" if arch_major < 9 else "tf32x3"
 
 
 @triton.jit
