@@ -42,7 +42,8 @@ LOW_PRECISION_TOL = {torch.float16: (1e-2, 1e-3), torch.bfloat16: (6e-2, 1e-2)}
 def test_fp32_packed(path, cell, reverse, rng):
     # hidden 20 is no power of two; 18 rows fill one 16-row tile and part of a second.
     # scale 0.3 keeps the recurrence near-contractive: at 0.5, fp32 rounding grown over the
-    # steps exceeded 1e-5 against float64 in ~3% of RNN draws (for any fp32 implementation)
+    # steps exceeds 1e-5 against float64 in some RNN draws, for torch's own fp32 too (the
+    # reference backend run in fp32 failed 9 of 120 RNN draws at 0.5, none at 0.3)
     check_sequence(path, cell, random_batch_sizes(rng, 5, 18, packed=True), 20,
                    reverse=reverse, dtype=torch.float32, scale=0.3)
 
