@@ -34,7 +34,8 @@ DEFAULT_CONFIGS = [
 ]
 
 
-def compile_kernel(kernel, arch, cell, dtype, hidden, num_warps):
+def compile_kernel(kernel, arch, cell, dtype, hidden, num_warps, overrides=None):
+    """Resource use of one kernel; ``overrides`` replaces constexprs (e.g. REVERSE)."""
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
@@ -60,6 +61,7 @@ def compile_kernel(kernel, arch, cell, dtype, hidden, num_warps):
         constexprs = dict(common, BR=16, BH=min(64, 1 << (hidden - 1).bit_length()))
         constexprs.update(dict(WRITE_H=True, SAVE=True) if kernel == "step_fwd"
                           else dict(HAS_DY=True))
+    constexprs.update(overrides or {})
     fp32_state = {"c_ptr", "c_save_ptr", "hg_save_ptr", "dc_ptr", "c_prev_ptr"}
     signature = {}
     for name in fn.arg_names:
@@ -83,7 +85,7 @@ def compile_kernel(kernel, arch, cell, dtype, hidden, num_warps):
                                capture_output=True, text=True).stdout
     fields = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", usage))
     return dict(kernel=kernel, arch=arch, cell=cell, dtype=dtype, hidden=hidden,
-                num_warps=num_warps, shared=compiled.metadata.shared,
+                num_warps=num_warps, **(overrides or {}), shared=compiled.metadata.shared,
                 **{k.lower(): int(v) for k, v in fields.items()})
 
 
