@@ -108,23 +108,24 @@ def _lengths(rng, steps, batch):
 
 
 @pytest.mark.parametrize("given_states", [False, True], ids=["no_hx", "hx"])
-@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
-def test_module_matches_torch_nn(mode, given_states, rng):
+@pytest.mark.parametrize("mode, proj", [("LSTM", 0), ("GRU", 0), ("LSTM", 7)],
+                         ids=["LSTM", "GRU", "LSTM-proj"])
+def test_module_matches_torch_nn(mode, proj, given_states, rng):
     """fusedrnn.LSTM/GRU(backend="triton") on CPU tensors vs torch.nn: packed, 2 layers,
-    bidirectional, batch_first; outputs, states and all gradients at fp32 tolerance."""
+    bidirectional, batch_first (proj_size runs on the alternating path); outputs, states
+    and all gradients at fp32 tolerance."""
     kwargs = dict(input_size=5, hidden_size=12, num_layers=2, bidirectional=True,
-                  batch_first=True)
+                  batch_first=True, **({"proj_size": proj} if proj else {}))
     ours = getattr(fusedrnn, mode)(**kwargs, backend="triton")
     ref = getattr(nn, mode)(**kwargs)
     ref.load_state_dict(ours.state_dict())
     batch, steps = 4, 5
     lengths = _lengths(rng, steps, batch)
     x = torch.randn(batch, steps, 5)
-    state_shape = (4, batch, 12)
     hx = None
     if given_states:
-        hx = tuple(torch.randn(state_shape) for _ in range(2)) if mode == "LSTM" \
-            else torch.randn(state_shape)
+        h0 = torch.randn(4, batch, proj or 12)
+        hx = (h0, torch.randn(4, batch, 12)) if mode == "LSTM" else h0
 
     def run(model):
         inp = x.clone().requires_grad_()
