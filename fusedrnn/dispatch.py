@@ -16,16 +16,21 @@ log = logging.getLogger("fusedrnn")
 # only imported when asked for (TRITON_INTERPRET must be set before that import).
 _REGISTRY: Dict[str, str] = {
     "reference": "fusedrnn.backend.reference:BACKEND",
+    "triton:persistent": "fusedrnn.backend.triton:PERSISTENT",
+    "triton:alternating": "fusedrnn.backend.triton:ALTERNATING",
 }
 
 # What "auto" tries, best first, per device type. It always ends in "reference".
 _AUTO_ORDER: Dict[str, List[str]] = {
     "cpu": ["reference"],
-    "cuda": ["reference"],
+    "cuda": ["triton:persistent", "triton:alternating", "reference"],
 }
 
 # Names that stand for a list of concrete backends, tried in order.
-_ALIASES: Dict[str, List[str]] = {}
+_ALIASES: Dict[str, List[str]] = {
+    # persistent where W_hh fits on chip, else the per-step path (the fallback is logged)
+    "triton": ["triton:persistent", "triton:alternating"],
+}
 
 _loaded: Dict[str, Backend] = {}
 

@@ -1,9 +1,14 @@
 """Shared test helpers: random configurations, tolerances, and finding ../shared/data."""
 import os
-import random
 
-import pytest
-import torch
+# No GPU here: Triton kernels run in its interpreter, which must be chosen before Triton is
+# imported (fusedrnn imports it lazily, on first use of a triton backend).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import random  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 def tolerances(dtype):

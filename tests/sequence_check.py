@@ -47,10 +47,18 @@ def _run(backend, cell, args, reverse, grads):
 
 
 def check_sequence(backend, cell_name, batch_sizes, hidden, proj=0, bias=True, reverse=False,
-                   dtype=torch.float64, device="cpu", ref_dtype=torch.float64, tol_dtype=None):
-    """Compare ``backend.sequence`` with the reference (computed in ``ref_dtype``)."""
+                   dtype=torch.float64, device="cpu", ref_dtype=torch.float64, tol_dtype=None,
+                   scale=0.5, tol=None, check_grads=True):
+    """Compare ``backend.sequence`` with the reference (computed in ``ref_dtype``).
+
+    Tolerances are ``tolerances(tol_dtype or dtype)`` per element, unless ``tol=(rtol, atol)``
+    is given: then each tensor is compared normwise, ``max|a - b| <= atol + rtol * max|b|``,
+    which suits fp16/bf16, where sums over many rows (weight gradients) cancel and an
+    elementwise check flags small entries. ``scale`` is the inputs' standard deviation.
+    ``check_grads=False`` compares only the outputs.
+    """
     cell = CELLS[cell_name]
-    args = sequence_inputs(cell, batch_sizes, hidden, proj, bias, dtype, device)
+    args = sequence_inputs(cell, batch_sizes, hidden, proj, bias, dtype, device, scale)
     ref_args = {k: (v.detach().to("cpu", ref_dtype).requires_grad_() if isinstance(v, torch.Tensor)
                     and v.is_floating_point() else v) for k, v in args.items()}
     with torch.no_grad():
@@ -59,9 +67,16 @@ def check_sequence(backend, cell_name, batch_sizes, hidden, proj=0, bias=True, r
     ref_outs, ref_grads = _run(REFERENCE, cell, ref_args, reverse, upstream)
     outs, grads = _run(backend, cell, args, reverse, [u.to(device, dtype) for u in upstream])
     tol_dtype = tol_dtype or dtype
+
+    def check(a, b, what):
+        if tol is None:
+            return assert_close(a, b, tol_dtype, what)
+        err, bound = (a - b).abs().max().item(), tol[1] + tol[0] * b.abs().max().item()
+        assert err <= bound, f"{what}: max abs error {err:.3g} > {bound:.3g} (normwise {tol})"
+
     names = [k for k, v in args.items() if isinstance(v, torch.Tensor) and v.requires_grad]
     for name, a, b in zip(["y", "h_n", "c_n"], outs, ref_outs):
-        assert_close(a.to("cpu", ref_dtype), b, tol_dtype, f"{cell_name} {name}")
-    for name, a, b in zip(names, grads, ref_grads):
+        check(a.to("cpu", ref_dtype), b, f"{cell_name} {name}")
+    for name, a, b in zip(names, grads if check_grads else [], ref_grads):
         assert a is not None, f"{cell_name}: no gradient for {name}"
-        assert_close(a.to("cpu", ref_dtype), b, tol_dtype, f"{cell_name} grad {name}")
+        check(a.to("cpu", ref_dtype), b, f"{cell_name} grad {name}")

@@ -1,0 +1,65 @@
+"""GPU section: Triton persistent / alternating vs cuDNN, forward and forward+backward.
+
+Run on a CUDA machine: ``python -m pytest bench/test_bench_gpu.py -s``. Each case prints
+the median times of ``triton.testing.do_bench`` and the ratios cuDNN time / Triton time
+(> 1: Triton faster), measured in the same process. A path that cannot run a shape (the
+persistent kernel beyond its on-chip budget) is reported as such, not timed.
+Shapes: the seed experiments' (T, B, I, H, layers) and FlashRNN's setting (B=16, T=1024,
+hidden 768).
+"""
+import pytest
+import torch
+import torch.nn as nn
+
+if not torch.cuda.is_available():
+    pytest.skip("GPU benchmarks need a CUDA device (none here; the kernels are proven in "
+                "the interpreter by tests/test_kernels_triton.py)", allow_module_level=True)
+triton_testing = pytest.importorskip("triton.testing")
+
+import fusedrnn  # noqa: E402
+from fusedrnn import dispatch  # noqa: E402
+from fusedrnn.cells import cell_for_mode  # noqa: E402
+
+SHAPES = {  # name: (T, B, I, H, layers)
+    "copy": (20, 128, 100, 500, 1),
+    "adder11": (11, 128, 64, 64, 2),
+    "adder200": (200, 128, 64, 64, 3),
+    "smnist": (28, 128, 28, 128, 1),
+    "ptb": (25, 20, 200, 200, 2),
+    "char": (25, 1, 80, 100, 1),
+    "flashrnn": (1024, 16, 768, 768, 1),
+}
+PATHS = ["triton:persistent", "triton:alternating"]
+
+
+def _time(model, x, backward):
+    def step():
+        y, _ = model(x)
+        if backward:
+            y.sum().backward()
+    return triton_testing.do_bench(step)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_triton_vs_cudnn(shape, mode, dtype):
+    steps, batch, inputs, hidden, layers = SHAPES[shape]
+    ref = getattr(nn, mode)(inputs, hidden, layers).to("cuda", dtype)
+    x = torch.randn(steps, batch, inputs, device="cuda", dtype=dtype, requires_grad=True)
+    line = [f"{shape:9s} {mode} {str(dtype)[6:]:8s}"]
+    for backward in (False, True):
+        cudnn = _time(ref, x, backward)
+        line.append(f"{'fwd+bwd' if backward else 'fwd'}: cudnn {cudnn:.3f} ms")
+        for path in PATHS:
+            reason = dispatch._reason(path, x.device, dtype, cell_for_mode(ref.mode), hidden, 0)
+            if reason:
+                line.append(f"{path} n/a ({reason})")
+                continue
+            ours = getattr(fusedrnn, mode)(inputs, hidden, layers, backend=path)
+            ours = ours.to("cuda", dtype)
+            ours.load_state_dict(ref.state_dict())
+            t = _time(ours, x, backward)
+            line.append(f"{path} {t:.3f} ms (x{cudnn / t:.2f})")
+    print(" | ".join(line))

@@ -1,0 +1,177 @@
+"""Persistent kernels: one launch runs a whole layer-direction sequence.
+
+Each program owns BB batch rows for every step. It loads W_hh once, as G gate tiles of
+``[HP, HP]`` (HP = H rounded up to a power of two, zero padded), keeps them and the h / c
+state on chip across steps, and streams in each step's slice of the hoisted input
+projection. Batch tiles never exchange data, so there is no grid-wide barrier and the
+kernel also runs (sequentially) in the interpreter. Rows at or past a step's active count
+keep their state (``tl.where``), which handles packed sequences in either direction.
+
+Operands of ``tl.dot`` are DOT_DTYPE (the storage dtype; fp32 for bf16 in the interpreter,
+whose bf16 dot is wrong); accumulation, gates and the cell state are fp32. fp32 operands use
+FP32_PRECISION (see ``fp32_precision``).
+"""
+import triton
+import triton.language as tl
+
+from .cells import GRU, LSTM, cell_bwd, cell_fwd, load_gates, load_prev, store_gates
+
+
+def fp32_precision(arch_major: int) -> str:
+    """input_precision of fp32 tl.dot on a GPU: "ieee" (exact products) below sm_90; on
+    sm_90+ Triton 3.9's ieee lowering of the persistent LSTM backward crashes LLVM's SLP
+    vectorizer, so "tf32x3" (about fp32 accuracy) is used there."""
+    return "ieee" if arch_major < 9 else "tf32x3"
+
+
+@triton.jit
+def _dot(a, w, acc, DOT_DTYPE: tl.constexpr, FP32_PRECISION: tl.constexpr):
+    """acc + a @ w with fp32 accumulation; FP32_PRECISION applies to fp32 operands."""
+    if DOT_DTYPE == tl.float32:
+        return tl.dot(a.to(DOT_DTYPE), w, acc, input_precision=FP32_PRECISION)
+    else:
+        return tl.dot(a.to(DOT_DTYPE), w, acc)
+
+
+@triton.jit
+def _load_w(w_ptr, gate, rows, cols, H, TRANSPOSE: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """Gate tile of W_hh [G*H, H]: ``W_g^T`` (``[k, j] = W[gate*H + j, k]``) or ``W_g``."""
+    mask = (rows < H) & (cols < H)
+    if TRANSPOSE:
+        ptrs = w_ptr + (gate * H + cols) * H + rows
+    else:
+        ptrs = w_ptr + (gate * H + rows) * H + cols
+    return tl.load(ptrs, mask=mask, other=0.0).to(DOT_DTYPE)
+
+
+@triton.jit
+def sequence_fwd_kernel(xp_ptr, sizes_ptr, offsets_ptr, T, h0_ptr, c0_ptr, w_ptr, b_ptr,
+                        y_ptr, hg_save_ptr, c_save_ptr, hn_ptr, cn_ptr, H,
+                        CELL: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        REVERSE: tl.constexpr, SAVE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                        FP32_PRECISION: tl.constexpr, BB: tl.constexpr, HP: tl.constexpr):
+    """y, h_n, c_n; with SAVE (for the backward) also hg (fp32) and c_new (LSTM) per step."""
+    rows = tl.program_id(0) * BB + tl.arange(0, BB)[:, None]
+    cols = tl.arange(0, HP)[None, :]
+    wk = tl.arange(0, HP)[:, None]
+    batch = tl.load(sizes_ptr)
+    state_mask = (rows < batch) & (cols < H)
+    w0 = _load_w(w_ptr, 0, wk, cols, H, True, DOT_DTYPE)
+    w1 = w0
+    w2 = w0
+    w3 = w0
+    if G > 1:
+        w1 = _load_w(w_ptr, 1, wk, cols, H, True, DOT_DTYPE)
+        w2 = _load_w(w_ptr, 2, wk, cols, H, True, DOT_DTYPE)
+    if G > 3:
+        w3 = _load_w(w_ptr, 3, wk, cols, H, True, DOT_DTYPE)
+    b0, b1, b2, b3 = load_gates(b_ptr, 0, 0 * rows, cols, H, (cols < H) & HAS_BIAS, G)
+    h = tl.load(h0_ptr + rows * H + cols, mask=state_mask, other=0.0).to(tl.float32)
+    c = tl.zeros_like(h)
+    if CELL == LSTM:
+        c = tl.load(c0_ptr + rows * H + cols, mask=state_mask, other=0.0).to(tl.float32)
+    for s in range(T):
+        if REVERSE:
+            t = T - 1 - s
+        else:
+            t = s
+        n = tl.load(sizes_ptr + t)
+        off = tl.load(offsets_ptr + t)
+        active = rows < n
+        mask = active & (cols < H)
+        g0 = _dot(h, w0, b0, DOT_DTYPE, FP32_PRECISION)
+        g1 = g0
+        g2 = g0
+        g3 = g0
+        if G > 1:
+            g1 = _dot(h, w1, b1, DOT_DTYPE, FP32_PRECISION)
+            g2 = _dot(h, w2, b2, DOT_DTYPE, FP32_PRECISION)
+        if G > 3:
+            g3 = _dot(h, w3, b3, DOT_DTYPE, FP32_PRECISION)
+        x0, x1, x2, x3 = load_gates(xp_ptr + off * G * H, G * H, rows, cols, H, mask, G)
+        h_new, c_new = cell_fwd(CELL, x0, x1, x2, x3, g0, g1, g2, g3, h, c)
+        # round h to storage so the state equals what y (and the backward) sees
+        h_new = h_new.to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + (off + rows) * H + cols, h_new, mask=mask)
+        if SAVE:
+            store_gates(hg_save_ptr + off * G * H, G * H, rows, cols, H, mask, G,
+                        g0, g1, g2, g3)
+            if CELL == LSTM:
+                tl.store(c_save_ptr + (off + rows) * H + cols, c_new, mask=mask)
+        h = tl.where(active, h_new.to(tl.float32), h)
+        c = tl.where(active, c_new, c)
+    tl.store(hn_ptr + rows * H + cols, h.to(hn_ptr.dtype.element_ty), mask=state_mask)
+    if CELL == LSTM:
+        tl.store(cn_ptr + rows * H + cols, c.to(cn_ptr.dtype.element_ty), mask=state_mask)
+
+
+@triton.jit
+def sequence_bwd_kernel(xp_ptr, hg_save_ptr, y_ptr, h0_ptr, c_save_ptr, c0_ptr,
+                        sizes_ptr, offsets_ptr, T, w_ptr, dy_ptr, dhn_ptr, dcn_ptr,
+                        dxp_ptr, dhg_ptr, dh0_ptr, dc0_ptr, H,
+                        CELL: tl.constexpr, G: tl.constexpr, REVERSE: tl.constexpr,
+                        DOT_DTYPE: tl.constexpr, FP32_PRECISION: tl.constexpr,
+                        BB: tl.constexpr, HP: tl.constexpr):
+    """Walks the steps backwards: dxp, dhg (GRU; else dhg == dxp), dh0, dc0.
+
+    dh and dc stay on chip; dh_prev = direct term + sum_g dhg_g @ W_g with W_g on chip.
+    h_prev / c_prev come from the saved y / c of the previous step or from h0 / c0.
+    """
+    rows = tl.program_id(0) * BB + tl.arange(0, BB)[:, None]
+    cols = tl.arange(0, HP)[None, :]
+    wj = tl.arange(0, HP)[:, None]
+    batch = tl.load(sizes_ptr)
+    state_mask = (rows < batch) & (cols < H)
+    w0 = _load_w(w_ptr, 0, wj, cols, H, False, DOT_DTYPE)
+    w1 = w0
+    w2 = w0
+    w3 = w0
+    if G > 1:
+        w1 = _load_w(w_ptr, 1, wj, cols, H, False, DOT_DTYPE)
+        w2 = _load_w(w_ptr, 2, wj, cols, H, False, DOT_DTYPE)
+    if G > 3:
+        w3 = _load_w(w_ptr, 3, wj, cols, H, False, DOT_DTYPE)
+    dh = tl.load(dhn_ptr + rows * H + cols, mask=state_mask, other=0.0).to(tl.float32)
+    dc = tl.zeros_like(dh)
+    if CELL == LSTM:
+        dc = tl.load(dcn_ptr + rows * H + cols, mask=state_mask, other=0.0).to(tl.float32)
+    for s in range(T):
+        if REVERSE:
+            t = s
+            p = t + 1
+        else:
+            t = T - 1 - s
+            p = t - 1
+        has_prev = (p >= 0) & (p < T)
+        p = tl.minimum(tl.maximum(p, 0), T - 1)
+        n_prev = tl.where(has_prev, tl.load(sizes_ptr + p), 0)
+        off_prev = tl.load(offsets_ptr + p)
+        n = tl.load(sizes_ptr + t)
+        off = tl.load(offsets_ptr + t)
+        active = rows < n
+        mask = active & (cols < H)
+        x0, x1, x2, x3 = load_gates(xp_ptr + off * G * H, G * H, rows, cols, H, mask, G)
+        g0, g1, g2, g3 = load_gates(hg_save_ptr + off * G * H, G * H, rows, cols, H, mask, G)
+        dh_out = dh + tl.load(dy_ptr + (off + rows) * H + cols, mask=mask, other=0.0).to(tl.float32)
+        h = tl.zeros_like(dh)
+        c = tl.zeros_like(dh)
+        if CELL == GRU:
+            h = load_prev(y_ptr + off_prev * H, h0_ptr, rows, cols, H, n_prev, mask)
+        if CELL == LSTM:
+            c = load_prev(c_save_ptr + off_prev * H, c0_ptr, rows, cols, H, n_prev, mask)
+        d0, d1, d2, d3, e0, e1, e2, e3, dh_direct, dc_prev = cell_bwd(
+            CELL, x0, x1, x2, x3, g0, g1, g2, g3, h, c, dh_out, dc)
+        store_gates(dxp_ptr + off * G * H, G * H, rows, cols, H, mask, G, d0, d1, d2, d3)
+        if CELL == GRU:
+            store_gates(dhg_ptr + off * G * H, G * H, rows, cols, H, mask, G, e0, e1, e2, e3)
+        dh_prev = _dot(e0, w0, dh_direct, DOT_DTYPE, FP32_PRECISION)
+        if G > 1:
+            dh_prev = _dot(e1, w1, dh_prev, DOT_DTYPE, FP32_PRECISION)
+            dh_prev = _dot(e2, w2, dh_prev, DOT_DTYPE, FP32_PRECISION)
+        if G > 3:
+            dh_prev = _dot(e3, w3, dh_prev, DOT_DTYPE, FP32_PRECISION)
+        dh = tl.where(active, dh_prev, dh)
+        dc = tl.where(active, dc_prev, dc)
+    tl.store(dh0_ptr + rows * H + cols, dh.to(dh0_ptr.dtype.element_ty), mask=state_mask)
+    if CELL == LSTM:
+        tl.store(dc0_ptr + rows * H + cols, dc.to(dc0_ptr.dtype.element_ty), mask=state_mask)
