@@ -1,0 +1,314 @@
+// Sequence loops for every cell: per step one recurrent GEMM (ATen -> MKL) into preallocated
+// buffers and one fused, vectorized, row-parallel pointwise pass from csrc/cells/*.h.
+// Only rows [0, batch_sizes[t]) of step t are touched, so packed input runs natively.
+#include "cpu/sequence.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "cells/gru.h"
+#include "cells/lstm.h"
+#include "cells/rnn.h"
+
+namespace fusedrnn {
+namespace cpu {
+namespace {
+
+using at::Tensor;
+
+// Per-step row counts and the offset of each step's first row.
+struct Steps {
+  std::vector<int64_t> size, offset;
+  int64_t count() const { return static_cast<int64_t>(size.size()); }
+  // The order the forward pass visits the steps in (backward visits them reversed).
+  int64_t visit(int64_t k, bool reverse) const { return reverse ? count() - 1 - k : k; }
+};
+
+Steps make_steps(const Tensor& batch_sizes, int64_t rows) {
+  TORCH_CHECK(batch_sizes.device().is_cpu() && batch_sizes.scalar_type() == at::kLong &&
+                  batch_sizes.dim() == 1 && batch_sizes.numel() > 0,
+              "fusedrnn: batch_sizes must be a non-empty 1-D int64 CPU tensor");
+  Steps s;
+  auto sizes = batch_sizes.contiguous();
+  const int64_t* p = sizes.data_ptr<int64_t>();
+  int64_t off = 0;
+  for (int64_t t = 0; t < sizes.numel(); ++t) {
+    TORCH_CHECK(p[t] > 0 && (t == 0 || p[t] <= p[t - 1]),
+                "fusedrnn: batch_sizes must be positive and non-increasing");
+    s.size.push_back(p[t]);
+    s.offset.push_back(off);
+    off += p[t];
+  }
+  TORCH_CHECK(off == rows, "fusedrnn: batch_sizes sum to ", off, " but the input has ", rows,
+              " rows");
+  return s;
+}
+
+// Rows per parallel chunk so that each chunk has a few thousand elements of work.
+int64_t row_grain(int64_t width) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(width, 1)); }
+
+template <typename T>
+T* ptr(const Tensor& t) {
+  return t.numel() ? t.data_ptr<T>() : nullptr;
+}
+
+template <typename Cell, typename T>
+struct Kernel {
+  static constexpr int G = Cell::kGates, S = Cell::kSaved;
+
+  // One step's pointwise forward on rows [0, n). kProj: h goes to proj_in (multiplied by W_hr
+  // afterwards) instead of straight to y and the state.
+  template <bool kProj>
+  static void pointwise_forward(int64_t n, int64_t H, const T* xg, const T* hg, const T* bias,
+                                T* h_state, T* c_state, T* save, T* y, T* proj_in) {
+    at::parallel_for(0, n, row_grain(G * H), [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const T* __restrict__ xr = xg + b * G * H;
+        const T* __restrict__ hr = hg + b * G * H;
+        const T* __restrict__ br = bias;
+        T* __restrict__ sr = save + b * S * H;
+        T* cr = Cell::kCellState ? c_state + b * H : nullptr;
+        if constexpr (kProj) {
+          T* __restrict__ pr = proj_in + b * H;
+#pragma omp simd
+          for (int64_t j = 0; j < H; ++j) {
+            T c = cr[j];
+            pr[j] = Cell::forward(xr, hr, br, H, j, T(0), c, sr);
+            cr[j] = c;
+          }
+        } else {
+          T* hs = h_state + b * H;
+          T* __restrict__ yr = y + b * H;
+#pragma omp simd
+          for (int64_t j = 0; j < H; ++j) {
+            T c = Cell::kCellState ? cr[j] : T(0);
+            const T h = Cell::forward(xr, hr, br, H, j, hs[j], c, sr);
+            if constexpr (Cell::kCellState) cr[j] = c;
+            hs[j] = h;
+            yr[j] = h;
+          }
+        }
+      }
+    });
+  }
+
+  static std::vector<Tensor> forward(const Tensor& xp, const Steps& steps, const Tensor& h0,
+                                     const Tensor& c0, const Tensor& w_hh, const Tensor& bias,
+                                     const Tensor& w_hr, bool reverse, bool train) {
+    const int64_t rows = xp.size(0), B = h0.size(0), H = w_hh.size(0) / G;
+    const int64_t Hout = h0.size(1);
+    const bool proj = w_hr.defined();
+    auto opts = xp.options();
+    Tensor y = at::empty({rows, Hout}, opts);
+    Tensor h_state = h0.clone();
+    Tensor c_state = Cell::kCellState ? c0.clone() : at::empty({0}, opts);
+    Tensor hg = at::empty({B, G * H}, opts);
+    // Saved for backward (train) or per-step scratch (inference).
+    Tensor act = at::empty({train ? rows : B, S * H}, opts);
+    Tensor h_prev = at::empty({train ? rows : 0, Hout}, opts);
+    Tensor c_prev = at::empty({train && Cell::kCellState ? rows : 0, H}, opts);
+    Tensor proj_in = at::empty({proj ? (train ? rows : B) : 0, H}, opts);
+    const Tensor w_hh_t = w_hh.t(), w_hr_t = proj ? w_hr.t() : Tensor();
+    for (int64_t k = 0; k < steps.count(); ++k) {
+      const int64_t t = steps.visit(k, reverse), n = steps.size[t], off = steps.offset[t];
+      Tensor h_active = h_state.narrow(0, 0, n);
+      Tensor hg_t = hg.narrow(0, 0, n);
+      at::mm_out(hg_t, h_active, w_hh_t);
+      const int64_t save_row = train ? off : 0;
+      if (train) {
+        std::memcpy(ptr<T>(h_prev) + off * Hout, ptr<T>(h_state), n * Hout * sizeof(T));
+        if (Cell::kCellState)
+          std::memcpy(ptr<T>(c_prev) + off * H, ptr<T>(c_state), n * H * sizeof(T));
+      }
+      T* save = ptr<T>(act) + save_row * S * H;
+      if (proj) {
+        Tensor pin = proj_in.narrow(0, save_row, n);
+        pointwise_forward<true>(n, H, ptr<T>(xp) + off * G * H, ptr<T>(hg), ptr<T>(bias), nullptr,
+                                ptr<T>(c_state), save, nullptr, ptr<T>(pin));
+        Tensor y_t = y.narrow(0, off, n);
+        at::mm_out(y_t, pin, w_hr_t);
+        h_active.copy_(y_t);
+      } else {
+        pointwise_forward<false>(n, H, ptr<T>(xp) + off * G * H, ptr<T>(hg), ptr<T>(bias),
+                                 ptr<T>(h_state), ptr<T>(c_state), save, ptr<T>(y) + off * H,
+                                 nullptr);
+      }
+    }
+    if (!train) act = h_prev = c_prev = proj_in = at::empty({0}, opts);
+    return {y, h_state, c_state, act, h_prev, c_prev, proj_in};
+  }
+
+  // One step's pointwise backward on rows [0, n). dh of each row is dh_state + dy (kProj: dh is
+  // the already projected-back gradient). Writes d(xg), d(hg), the state gradients.
+  template <bool kProj>
+  static void pointwise_backward(int64_t n, int64_t H, const T* save, const T* h_prev,
+                                 const T* c_prev, const T* dy, T* dh_state, T* dc_state, T* dxg,
+                                 T* dhg) {
+    at::parallel_for(0, n, row_grain(G * H), [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const T* __restrict__ sr = save + b * S * H;
+        const T* __restrict__ cp = Cell::kCellState ? c_prev + b * H : nullptr;
+        T* dc = Cell::kCellState ? dc_state + b * H : nullptr;
+        T* __restrict__ dxr = dxg + b * G * H;
+        T* __restrict__ dhr = Cell::kSplitHiddenGrad ? dhg + b * G * H : nullptr;
+        T* dhs = dh_state + b * H;
+        if constexpr (kProj) {
+          const T* __restrict__ dhp = dy + b * H;
+#pragma omp simd
+          for (int64_t j = 0; j < H; ++j) {
+            T dcj = dc[j];
+            Cell::backward(sr, H, j, T(0), cp[j], dhp[j], dcj, dxr, dhr);
+            dc[j] = dcj;
+          }
+        } else {
+          const T* __restrict__ hp = h_prev + b * H;
+          const T* __restrict__ dyr = dy + b * H;
+#pragma omp simd
+          for (int64_t j = 0; j < H; ++j) {
+            T dcj = Cell::kCellState ? dc[j] : T(0);
+            const T direct = Cell::backward(sr, H, j, hp[j], Cell::kCellState ? cp[j] : T(0),
+                                            dhs[j] + dyr[j], dcj, dxr, dhr);
+            if constexpr (Cell::kCellState) dc[j] = dcj;
+            if constexpr (Cell::kSplitHiddenGrad) dhs[j] = direct;
+          }
+        }
+      }
+    });
+  }
+
+  static std::vector<Tensor> backward(const Steps& steps, const Tensor& w_hh, const Tensor& w_hr,
+                                      bool reverse, const Tensor& act, const Tensor& h_prev,
+                                      const Tensor& c_prev, const Tensor& proj_in,
+                                      const Tensor& grad_y, const Tensor& grad_hn,
+                                      const Tensor& grad_cn) {
+    const int64_t rows = act.size(0), B = grad_hn.size(0), H = w_hh.size(0) / G;
+    const int64_t Hout = grad_hn.size(1);
+    const bool proj = w_hr.defined();
+    auto opts = act.options();
+    Tensor dh_state = grad_hn.clone();
+    Tensor dc_state = Cell::kCellState ? grad_cn.clone() : at::empty({0}, opts);
+    Tensor dxg = at::empty({rows, G * H}, opts);
+    Tensor dhg = Cell::kSplitHiddenGrad ? at::empty({rows, G * H}, opts) : dxg;
+    Tensor dh_total = at::empty({proj ? rows : 0, Hout}, opts);  // dh per step, for dW_hr
+    Tensor dproj_in = at::empty({proj ? B : 0, H}, opts);
+    for (int64_t k = steps.count() - 1; k >= 0; --k) {
+      const int64_t t = steps.visit(k, reverse), n = steps.size[t], off = steps.offset[t];
+      Tensor dh_active = dh_state.narrow(0, 0, n);
+      const T* save = ptr<T>(act) + off * S * H;
+      T* dxg_t = ptr<T>(dxg) + off * G * H;
+      T* dhg_t = ptr<T>(dhg) + off * G * H;
+      if (proj) {
+        Tensor dh_t = dh_total.narrow(0, off, n);
+        at::add_out(dh_t, dh_active, grad_y.narrow(0, off, n));
+        Tensor dproj_t = dproj_in.narrow(0, 0, n);
+        at::mm_out(dproj_t, dh_t, w_hr);
+        pointwise_backward<true>(n, H, save, nullptr, ptr<T>(c_prev) + off * H, ptr<T>(dproj_in),
+                                 ptr<T>(dh_state), ptr<T>(dc_state), dxg_t, dhg_t);
+      } else {
+        pointwise_backward<false>(n, H, save, ptr<T>(h_prev) + off * Hout,
+                                  Cell::kCellState ? ptr<T>(c_prev) + off * H : nullptr,
+                                  ptr<T>(grad_y) + off * Hout, ptr<T>(dh_state),
+                                  ptr<T>(dc_state), dxg_t, dhg_t);
+      }
+      Tensor dhg_step = dhg.narrow(0, off, n);
+      if (Cell::kSplitHiddenGrad)
+        dh_active.addmm_(dhg_step, w_hh);  // the cell already wrote its direct term
+      else
+        at::mm_out(dh_active, dhg_step, w_hh);
+    }
+    // Weight gradients: a few large GEMMs over all rows instead of one per step.
+    Tensor dw_hh = at::mm(dhg.t(), h_prev);
+    Tensor db_hh = dhg.sum(0);
+    Tensor dw_hr = proj ? at::mm(dh_total.t(), proj_in) : at::empty({0}, opts);
+    return {dxg, dh_state, dc_state, dw_hh, db_hh, dw_hr};
+  }
+};
+
+template <typename F>
+void with_cell(const std::string& cell, F&& f) {
+  if (cell == "lstm") return f(cells::LSTM{});
+  if (cell == "gru") return f(cells::GRU{});
+  if (cell == "rnn_tanh") return f(cells::RNNTanh{});
+  if (cell == "rnn_relu") return f(cells::RNNRelu{});
+  TORCH_CHECK(false, "fusedrnn: unknown cell '", cell, "'");
+}
+
+void check_dense(const Tensor& t, const Tensor& like, const char* what) {
+  TORCH_CHECK(t.device().is_cpu(), "fusedrnn cpu: ", what, " must be a CPU tensor");
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "fusedrnn cpu: ", what, " has dtype ",
+              t.scalar_type(), " but the input has ", like.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), "fusedrnn cpu: ", what, " must be contiguous");
+}
+
+}  // namespace
+
+std::vector<Tensor> sequence_forward(const std::string& cell, const Tensor& xp,
+                                     const Tensor& batch_sizes, const Tensor& h0,
+                                     const c10::optional<Tensor>& c0, const Tensor& w_hh,
+                                     const c10::optional<Tensor>& b_hh,
+                                     const c10::optional<Tensor>& w_hr, bool reverse, bool train) {
+  TORCH_CHECK(xp.dim() == 2 && h0.dim() == 2 && w_hh.dim() == 2,
+              "fusedrnn cpu: xp, h0 and w_hh must be 2-D");
+  for (auto* t : {&xp, &h0, &w_hh}) check_dense(*t, xp, "xp/h0/w_hh");
+  const Steps steps = make_steps(batch_sizes, xp.size(0));
+  TORCH_CHECK(h0.size(0) == steps.size[0], "fusedrnn cpu: h0 has ", h0.size(0),
+              " rows but batch_sizes[0] is ", steps.size[0]);
+  TORCH_CHECK(xp.size(1) == w_hh.size(0) && w_hh.size(1) == h0.size(1),
+              "fusedrnn cpu: xp [rows, G*H], w_hh [G*H, Hout] and h0 [B, Hout] do not match");
+  Tensor bias = b_hh.has_value() && b_hh->defined() ? *b_hh : at::zeros({w_hh.size(0)}, xp.options());
+  check_dense(bias, xp, "b_hh");
+  Tensor wr = w_hr.has_value() && w_hr->defined() ? *w_hr : Tensor();
+  if (wr.defined()) check_dense(wr, xp, "w_hr");
+  std::vector<Tensor> out;
+  with_cell(cell, [&](auto c) {
+    using Cell = decltype(c);
+    TORCH_CHECK(xp.size(1) % Cell::kGates == 0, "fusedrnn cpu: xp width is not G*H");
+    const int64_t H = xp.size(1) / Cell::kGates;
+    Tensor cc0;
+    if constexpr (Cell::kCellState) {
+      TORCH_CHECK(c0.has_value() && c0->defined(), "fusedrnn cpu: LSTM needs c0");
+      cc0 = *c0;
+      check_dense(cc0, xp, "c0");
+      TORCH_CHECK(cc0.size(0) == h0.size(0) && cc0.size(1) == H, "fusedrnn cpu: c0 shape");
+    } else {
+      TORCH_CHECK(!wr.defined(), "fusedrnn cpu: proj_size is only supported for LSTM");
+    }
+    TORCH_CHECK(wr.defined() ? (wr.size(0) == h0.size(1) && wr.size(1) == H) : h0.size(1) == H,
+                "fusedrnn cpu: h0/w_hr shapes do not match the hidden size");
+    AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "fusedrnn_sequence_forward", [&] {
+      out = Kernel<Cell, scalar_t>::forward(xp, steps, h0, cc0, w_hh, bias, wr, reverse, train);
+    });
+  });
+  return out;
+}
+
+std::vector<Tensor> sequence_backward(const std::string& cell, const Tensor& batch_sizes,
+                                      const Tensor& w_hh, const c10::optional<Tensor>& w_hr,
+                                      bool reverse, at::TensorList saved, const Tensor& grad_y,
+                                      const Tensor& grad_hn,
+                                      const c10::optional<Tensor>& grad_cn) {
+  TORCH_CHECK(saved.size() == 4, "fusedrnn cpu: backward expects the 4 saved tensors");
+  const Tensor &act = saved[0], &h_prev = saved[1], &c_prev = saved[2], &proj_in = saved[3];
+  const Steps steps = make_steps(batch_sizes, act.size(0));
+  for (auto* t : {&w_hh, &grad_y, &grad_hn}) check_dense(*t, act, "w_hh/grad");
+  Tensor wr = w_hr.has_value() && w_hr->defined() ? *w_hr : Tensor();
+  Tensor gc = grad_cn.has_value() && grad_cn->defined() ? *grad_cn : Tensor();
+  std::vector<Tensor> out;
+  with_cell(cell, [&](auto c) {
+    using Cell = decltype(c);
+    if constexpr (Cell::kCellState) {
+      TORCH_CHECK(gc.defined(), "fusedrnn cpu: LSTM backward needs grad_cn");
+      check_dense(gc, act, "grad_cn");
+    }
+    AT_DISPATCH_FLOATING_TYPES(act.scalar_type(), "fusedrnn_sequence_backward", [&] {
+      out = Kernel<Cell, scalar_t>::backward(steps, w_hh, wr, reverse, act, h_prev, c_prev,
+                                             proj_in, grad_y, grad_hn, gc);
+    });
+  });
+  return out;
+}
+
+}  // namespace cpu
+}  // namespace fusedrnn
