@@ -71,7 +71,7 @@ def test_gradcheck(rng, cell_name):
     assert torch.autograd.gradcheck(fn, [args[n] for n in names])
 
 
-@pytest.mark.parametrize("kind", ["LSTM", "LSTM-proj", "GRU", "RNN-relu"])
+@pytest.mark.parametrize("kind", ["LSTM", "LSTM-proj", "GRU", "GRU-nobias", "RNN-relu"])
 def test_module_matches_torch_nn(rng, kind):
     """Multi-layer, bidirectional, packed unsorted input: outputs, states and parameter grads."""
     mode, _, extra = kind.partition("-")
@@ -80,6 +80,8 @@ def test_module_matches_torch_nn(rng, kind):
         kwargs["proj_size"] = 4
     if extra == "relu":
         kwargs["nonlinearity"] = "relu"
+    if extra == "nobias":
+        kwargs["bias"] = False
     ref = getattr(nn, mode)(5, 9, **kwargs)
     fused = getattr(fusedrnn, mode)(5, 9, backend="cpu", **kwargs)
     fused.load_state_dict(ref.state_dict())
@@ -97,6 +99,20 @@ def test_module_matches_torch_nn(rng, kind):
                      *[p.grad for p in model.parameters()]])
     for i, (a, b) in enumerate(zip(outs[1], outs[0])):
         assert_close(a, b, torch.float64, f"{kind} tensor {i}")
+
+
+def test_inference_saves_nothing():
+    """Under no_grad the forward keeps no activations for backward (train flag off)."""
+    cell = CELLS["lstm"]
+    args = sequence_inputs(cell, torch.tensor([3, 2]), hidden=4)
+    with torch.no_grad():
+        y, h, c = BACKEND.sequence(cell, **args, reverse=False)
+    assert y.grad_fn is None
+    out = torch.ops.fusedrnn.sequence_forward("lstm", args["xp"].detach(), args["batch_sizes"],
+                                              args["h0"].detach(), args["c0"].detach(),
+                                              args["w_hh"].detach(), None, None, None, False, False)
+    assert all(t.numel() == 0 for t in out[3:])
+    torch.testing.assert_close(out[0], y)
 
 
 def test_auto_picks_cpu_and_falls_back():

@@ -12,14 +12,15 @@ struct GRU {
   static constexpr bool kCellState = false;
   static constexpr bool kSplitHiddenGrad = true;  // r scales hn, so d(hg_n) != d(xg_n)
 
+  // Arguments as in LSTM::forward (xg, hg, bx, bh are [3H]).
   template <typename T>
-  FUSEDRNN_HOST_DEVICE static T forward(const T* xg, const T* hg, const T* bias, int64_t H,
-                                        int64_t j, T h_prev, T& /*c*/, T* save) {
+  FUSEDRNN_HOST_DEVICE static T forward(const T* xg, const T* hg, const T* bx, const T* bh,
+                                        int64_t H, int64_t j, T h_prev, T& /*c*/, T* save) {
     using M = Math<T>;
-    const T r = M::sigmoid(xg[j] + hg[j] + bias[j]);
-    const T z = M::sigmoid(xg[H + j] + hg[H + j] + bias[H + j]);
-    const T hn = hg[2 * H + j] + bias[2 * H + j];
-    const T n = M::tanh(xg[2 * H + j] + r * hn);
+    const T r = M::sigmoid(xg[j] + bx[j] + hg[j] + bh[j]);
+    const T z = M::sigmoid(xg[H + j] + bx[H + j] + hg[H + j] + bh[H + j]);
+    const T hn = hg[2 * H + j] + bh[2 * H + j];
+    const T n = M::tanh(xg[2 * H + j] + bx[2 * H + j] + r * hn);
     save[j] = r;
     save[H + j] = z;
     save[2 * H + j] = n;

@@ -12,15 +12,16 @@ struct LSTM {
   static constexpr bool kCellState = true;
   static constexpr bool kSplitHiddenGrad = false;  // d(hg) == d(xg)
 
-  // xg, hg, bias: the row's [4H] pre-activation parts; c: c_prev in, c_new out; returns h.
+  // xg = x W_ih^T and hg = h W_hh^T: the row's [4H] GEMM outputs; bx, bh: b_ih, b_hh [4H].
+  // c: c_prev in, c_new out; writes the kSaved values for backward; returns h.
   template <typename T>
-  FUSEDRNN_HOST_DEVICE static T forward(const T* xg, const T* hg, const T* bias, int64_t H,
-                                        int64_t j, T /*h_prev*/, T& c, T* save) {
+  FUSEDRNN_HOST_DEVICE static T forward(const T* xg, const T* hg, const T* bx, const T* bh,
+                                        int64_t H, int64_t j, T /*h_prev*/, T& c, T* save) {
     using M = Math<T>;
-    const T i = M::sigmoid(xg[j] + hg[j] + bias[j]);
-    const T f = M::sigmoid(xg[H + j] + hg[H + j] + bias[H + j]);
-    const T g = M::tanh(xg[2 * H + j] + hg[2 * H + j] + bias[2 * H + j]);
-    const T o = M::sigmoid(xg[3 * H + j] + hg[3 * H + j] + bias[3 * H + j]);
+    const T i = M::sigmoid(xg[j] + bx[j] + hg[j] + bh[j]);
+    const T f = M::sigmoid(xg[H + j] + bx[H + j] + hg[H + j] + bh[H + j]);
+    const T g = M::tanh(xg[2 * H + j] + bx[2 * H + j] + hg[2 * H + j] + bh[2 * H + j]);
+    const T o = M::sigmoid(xg[3 * H + j] + bx[3 * H + j] + hg[3 * H + j] + bh[3 * H + j]);
     c = f * c + i * g;
     const T tc = M::tanh(c);
     save[j] = i;

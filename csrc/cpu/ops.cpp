@@ -6,7 +6,7 @@
 
 TORCH_LIBRARY(fusedrnn, m) {
   m.def("sequence_forward(str cell, Tensor xp, Tensor batch_sizes, Tensor h0, Tensor? c0, "
-        "Tensor w_hh, Tensor? b_hh, Tensor? w_hr, bool reverse, bool train) -> Tensor[]");
+        "Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, bool reverse, bool train) -> Tensor[]");
   m.def("sequence_backward(str cell, Tensor batch_sizes, Tensor w_hh, Tensor? w_hr, "
         "bool reverse, Tensor[] saved, Tensor grad_y, Tensor grad_hn, Tensor? grad_cn) "
         "-> Tensor[]");

@@ -61,13 +61,15 @@ struct Kernel {
   // One step's pointwise forward on rows [0, n). kProj: h goes to proj_in (multiplied by W_hr
   // afterwards) instead of straight to y and the state.
   template <bool kProj>
-  static void pointwise_forward(int64_t n, int64_t H, const T* xg, const T* hg, const T* bias,
-                                T* h_state, T* c_state, T* save, T* y, T* proj_in) {
+  static void pointwise_forward(int64_t n, int64_t H, const T* xg, const T* hg, const T* bias_x,
+                                const T* bias_h, T* h_state, T* c_state, T* save, T* y,
+                                T* proj_in) {
     at::parallel_for(0, n, row_grain(G * H), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const T* __restrict__ xr = xg + b * G * H;
         const T* __restrict__ hr = hg + b * G * H;
-        const T* __restrict__ br = bias;
+        const T* __restrict__ bx = bias_x;
+        const T* __restrict__ bh = bias_h;
         T* __restrict__ sr = save + b * S * H;
         T* cr = Cell::kCellState ? c_state + b * H : nullptr;
         if constexpr (kProj) {
@@ -75,7 +77,7 @@ struct Kernel {
 #pragma omp simd
           for (int64_t j = 0; j < H; ++j) {
             T c = cr[j];
-            pr[j] = Cell::forward(xr, hr, br, H, j, T(0), c, sr);
+            pr[j] = Cell::forward(xr, hr, bx, bh, H, j, T(0), c, sr);
             cr[j] = c;
           }
         } else {
@@ -84,7 +86,7 @@ struct Kernel {
 #pragma omp simd
           for (int64_t j = 0; j < H; ++j) {
             T c = Cell::kCellState ? cr[j] : T(0);
-            const T h = Cell::forward(xr, hr, br, H, j, hs[j], c, sr);
+            const T h = Cell::forward(xr, hr, bx, bh, H, j, hs[j], c, sr);
             if constexpr (Cell::kCellState) cr[j] = c;
             hs[j] = h;
             yr[j] = h;
@@ -95,8 +97,9 @@ struct Kernel {
   }
 
   static std::vector<Tensor> forward(const Tensor& xp, const Steps& steps, const Tensor& h0,
-                                     const Tensor& c0, const Tensor& w_hh, const Tensor& bias,
-                                     const Tensor& w_hr, bool reverse, bool train) {
+                                     const Tensor& c0, const Tensor& w_hh, const Tensor& bias_x,
+                                     const Tensor& bias_h, const Tensor& w_hr, bool reverse,
+                                     bool train) {
     const int64_t rows = xp.size(0), B = h0.size(0), H = w_hh.size(0) / G;
     const int64_t Hout = h0.size(1);
     const bool proj = w_hr.defined();
@@ -125,15 +128,16 @@ struct Kernel {
       T* save = ptr<T>(act) + save_row * S * H;
       if (proj) {
         Tensor pin = proj_in.narrow(0, save_row, n);
-        pointwise_forward<true>(n, H, ptr<T>(xp) + off * G * H, ptr<T>(hg), ptr<T>(bias), nullptr,
-                                ptr<T>(c_state), save, nullptr, ptr<T>(pin));
+        pointwise_forward<true>(n, H, ptr<T>(xp) + off * G * H, ptr<T>(hg), ptr<T>(bias_x),
+                                ptr<T>(bias_h), nullptr, ptr<T>(c_state), save, nullptr,
+                                ptr<T>(pin));
         Tensor y_t = y.narrow(0, off, n);
         at::mm_out(y_t, pin, w_hr_t);
         h_active.copy_(y_t);
       } else {
-        pointwise_forward<false>(n, H, ptr<T>(xp) + off * G * H, ptr<T>(hg), ptr<T>(bias),
-                                 ptr<T>(h_state), ptr<T>(c_state), save, ptr<T>(y) + off * H,
-                                 nullptr);
+        pointwise_forward<false>(n, H, ptr<T>(xp) + off * G * H, ptr<T>(hg), ptr<T>(bias_x),
+                                 ptr<T>(bias_h), ptr<T>(h_state), ptr<T>(c_state), save,
+                                 ptr<T>(y) + off * H, nullptr);
       }
     }
     if (!train) act = h_prev = c_prev = proj_in = at::empty({0}, opts);
@@ -141,12 +145,16 @@ struct Kernel {
   }
 
   // One step's pointwise backward on rows [0, n). dh of each row is dh_state + dy (kProj: dh is
-  // the already projected-back gradient). Writes d(xg), d(hg), the state gradients.
+  // the already projected-back gradient). Writes d(xg), d(hg), the state gradients, and adds
+  // the column sums of d(xg) and d(hg) (the bias gradients) to this thread's row of
+  // dbx_part / dbh_part while the rows are still in cache.
   template <bool kProj>
   static void pointwise_backward(int64_t n, int64_t H, const T* save, const T* h_prev,
                                  const T* c_prev, const T* dy, T* dh_state, T* dc_state, T* dxg,
-                                 T* dhg) {
+                                 T* dhg, T* dbx_part, T* dbh_part) {
     at::parallel_for(0, n, row_grain(G * H), [&](int64_t begin, int64_t end) {
+      T* __restrict__ dbx = dbx_part + at::get_thread_num() * G * H;
+      T* __restrict__ dbh = dbh_part + at::get_thread_num() * G * H;
       for (int64_t b = begin; b < end; ++b) {
         const T* __restrict__ sr = save + b * S * H;
         const T* __restrict__ cp = Cell::kCellState ? c_prev + b * H : nullptr;
@@ -174,6 +182,12 @@ struct Kernel {
             if constexpr (Cell::kSplitHiddenGrad) dhs[j] = direct;
           }
         }
+#pragma omp simd
+        for (int64_t k = 0; k < G * H; ++k) dbx[k] += dxr[k];
+        if constexpr (Cell::kSplitHiddenGrad) {
+#pragma omp simd
+          for (int64_t k = 0; k < G * H; ++k) dbh[k] += dhr[k];
+        }
       }
     });
   }
@@ -193,6 +207,9 @@ struct Kernel {
     Tensor dhg = Cell::kSplitHiddenGrad ? at::empty({rows, G * H}, opts) : dxg;
     Tensor dh_total = at::empty({proj ? rows : 0, Hout}, opts);  // dh per step, for dW_hr
     Tensor dproj_in = at::empty({proj ? B : 0, H}, opts);
+    // Per-thread partial bias gradients (summed after the loop).
+    Tensor dbx_part = at::zeros({at::get_num_threads(), G * H}, opts);
+    Tensor dbh_part = Cell::kSplitHiddenGrad ? at::zeros_like(dbx_part) : dbx_part;
     for (int64_t k = steps.count() - 1; k >= 0; --k) {
       const int64_t t = steps.visit(k, reverse), n = steps.size[t], off = steps.offset[t];
       Tensor dh_active = dh_state.narrow(0, 0, n);
@@ -205,12 +222,14 @@ struct Kernel {
         Tensor dproj_t = dproj_in.narrow(0, 0, n);
         at::mm_out(dproj_t, dh_t, w_hr);
         pointwise_backward<true>(n, H, save, nullptr, ptr<T>(c_prev) + off * H, ptr<T>(dproj_in),
-                                 ptr<T>(dh_state), ptr<T>(dc_state), dxg_t, dhg_t);
+                                 ptr<T>(dh_state), ptr<T>(dc_state), dxg_t, dhg_t,
+                                 ptr<T>(dbx_part), ptr<T>(dbh_part));
       } else {
         pointwise_backward<false>(n, H, save, ptr<T>(h_prev) + off * Hout,
                                   Cell::kCellState ? ptr<T>(c_prev) + off * H : nullptr,
                                   ptr<T>(grad_y) + off * Hout, ptr<T>(dh_state),
-                                  ptr<T>(dc_state), dxg_t, dhg_t);
+                                  ptr<T>(dc_state), dxg_t, dhg_t, ptr<T>(dbx_part),
+                                  ptr<T>(dbh_part));
       }
       Tensor dhg_step = dhg.narrow(0, off, n);
       if (Cell::kSplitHiddenGrad)
@@ -220,9 +239,10 @@ struct Kernel {
     }
     // Weight gradients: a few large GEMMs over all rows instead of one per step.
     Tensor dw_hh = at::mm(dhg.t(), h_prev);
-    Tensor db_hh = dhg.sum(0);
+    Tensor db_ih = dbx_part.sum(0);
+    Tensor db_hh = Cell::kSplitHiddenGrad ? dbh_part.sum(0) : db_ih;
     Tensor dw_hr = proj ? at::mm(dh_total.t(), proj_in) : at::empty({0}, opts);
-    return {dxg, dh_state, dc_state, dw_hh, db_hh, dw_hr};
+    return {dxg, dh_state, dc_state, dw_hh, db_hh, dw_hr, db_ih};
   }
 };
 
@@ -247,6 +267,7 @@ void check_dense(const Tensor& t, const Tensor& like, const char* what) {
 std::vector<Tensor> sequence_forward(const std::string& cell, const Tensor& xp,
                                      const Tensor& batch_sizes, const Tensor& h0,
                                      const c10::optional<Tensor>& c0, const Tensor& w_hh,
+                                     const c10::optional<Tensor>& b_ih,
                                      const c10::optional<Tensor>& b_hh,
                                      const c10::optional<Tensor>& w_hr, bool reverse, bool train) {
   TORCH_CHECK(xp.dim() == 2 && h0.dim() == 2 && w_hh.dim() == 2,
@@ -257,8 +278,14 @@ std::vector<Tensor> sequence_forward(const std::string& cell, const Tensor& xp,
               " rows but batch_sizes[0] is ", steps.size[0]);
   TORCH_CHECK(xp.size(1) == w_hh.size(0) && w_hh.size(1) == h0.size(1),
               "fusedrnn cpu: xp [rows, G*H], w_hh [G*H, Hout] and h0 [B, Hout] do not match");
-  Tensor bias = b_hh.has_value() && b_hh->defined() ? *b_hh : at::zeros({w_hh.size(0)}, xp.options());
-  check_dense(bias, xp, "b_hh");
+  auto bias_or_zeros = [&](const c10::optional<Tensor>& b, const char* what) {
+    Tensor out = b.has_value() && b->defined() ? *b : at::zeros({w_hh.size(0)}, xp.options());
+    check_dense(out, xp, what);
+    TORCH_CHECK(out.dim() == 1 && out.size(0) == w_hh.size(0), "fusedrnn cpu: ", what,
+                " must have G*H elements");
+    return out;
+  };
+  const Tensor bias_x = bias_or_zeros(b_ih, "b_ih"), bias_h = bias_or_zeros(b_hh, "b_hh");
   Tensor wr = w_hr.has_value() && w_hr->defined() ? *w_hr : Tensor();
   if (wr.defined()) check_dense(wr, xp, "w_hr");
   std::vector<Tensor> out;
@@ -278,7 +305,8 @@ std::vector<Tensor> sequence_forward(const std::string& cell, const Tensor& xp,
     TORCH_CHECK(wr.defined() ? (wr.size(0) == h0.size(1) && wr.size(1) == H) : h0.size(1) == H,
                 "fusedrnn cpu: h0/w_hr shapes do not match the hidden size");
     AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "fusedrnn_sequence_forward", [&] {
-      out = Kernel<Cell, scalar_t>::forward(xp, steps, h0, cc0, w_hh, bias, wr, reverse, train);
+      out = Kernel<Cell, scalar_t>::forward(xp, steps, h0, cc0, w_hh, bias_x, bias_h, wr,
+                                            reverse, train);
     });
   });
   return out;
