@@ -110,7 +110,8 @@ def test_inference_saves_nothing():
     assert y.grad_fn is None
     out = torch.ops.fusedrnn.sequence_forward("lstm", args["xp"].detach(), args["batch_sizes"],
                                               args["h0"].detach(), args["c0"].detach(),
-                                              args["w_hh"].detach(), None, None, None, False, False)
+                                              args["w_hh"].detach(), None, args["b_hh"].detach(), None,
+                                              False, False)
     assert all(t.numel() == 0 for t in out[3:])
     torch.testing.assert_close(out[0], y)
 
