@@ -1,9 +1,11 @@
-// Sequence loops for every cell: per step one recurrent GEMM (ATen -> MKL) into preallocated
-// buffers and one fused, vectorized, row-parallel pointwise pass from csrc/cells/*.h.
-// Only rows [0, batch_sizes[t]) of step t are touched, so packed input runs natively.
+// Sequence loops for every cell. Each thread owns a block of rows and runs the whole time loop
+// for it: per step one recurrent GEMM (ATen -> MKL) into preallocated buffers and one fused,
+// vectorized pointwise pass from csrc/cells/*.h. Only rows [0, batch_sizes[t]) of step t are
+// touched, so packed input runs natively.
 #include "cpu/sequence.h"
 
 #include <ATen/Parallel.h>
+#include <c10/core/GradMode.h>
 
 #include <algorithm>
 #include <cstring>
@@ -11,6 +13,10 @@
 #include "cells/gru.h"
 #include "cells/lstm.h"
 #include "cells/rnn.h"
+
+// torch's MKL (when it has one): a thread-local thread count, to keep tiny per-step GEMMs off
+// the thread pool. Weak, so that a torch built without MKL still loads the extension.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 
 namespace fusedrnn {
 namespace cpu {
@@ -46,54 +52,110 @@ Steps make_steps(const Tensor& batch_sizes, int64_t rows) {
   return s;
 }
 
-// Rows per parallel chunk so that each chunk has a few thousand elements of work.
-int64_t row_grain(int64_t width) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(width, 1)); }
-
 template <typename T>
 T* ptr(const Tensor& t) {
   return t.numel() ? t.data_ptr<T>() : nullptr;
+}
+
+// Rows never interact (h W^T is row by row), so the batch is cut into one contiguous row block
+// per thread and each thread runs the WHOLE time loop for its rows: one parallel region per
+// call, no barrier per step. Blocks get equal row-steps (longer sequences sit in lower rows).
+struct Block {
+  int64_t index, begin, end;
+};
+constexpr int64_t kMinRowsPerBlock = 8;  // below this a block's GEMM gets too thin to pay
+
+std::vector<Block> row_blocks(const Steps& steps) {
+  const int64_t B = steps.size[0];
+  const int64_t count = std::max<int64_t>(
+      1, std::min<int64_t>(at::get_num_threads(), B / kMinRowsPerBlock));
+  std::vector<int64_t> length(B, 0);  // steps row b is active in
+  int64_t total = 0;
+  for (int64_t n : steps.size) {
+    total += n;
+    for (int64_t b = 0; b < n; ++b) ++length[b];
+  }
+  std::vector<Block> blocks;
+  int64_t begin = 0, done = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    done += length[b];
+    const int64_t cut = static_cast<int64_t>(blocks.size()) + 1;
+    if (cut < count && b + 1 < B && done * count >= total * cut) {
+      blocks.push_back({cut - 1, begin, b + 1});
+      begin = b + 1;
+    }
+  }
+  blocks.push_back({static_cast<int64_t>(blocks.size()), begin, B});
+  return blocks;
+}
+
+// Per-step GEMMs below this many flops run on one thread: waking the pool costs more.
+constexpr int64_t kSerialGemmFlops = int64_t(1) << 22;
+
+// Pins MKL to one thread on this thread while alive (no-op without MKL).
+struct SerialBlas {
+  bool active;
+  int previous = 0;
+  explicit SerialBlas(bool on) : active(on && MKL_Set_Num_Threads_Local != nullptr) {
+    if (active) previous = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SerialBlas() {
+    if (active) MKL_Set_Num_Threads_Local(previous);
+  }
+};
+
+// Runs f(block) for every block, one per thread. A single block runs on the calling thread,
+// outside any parallel region, so that a large per-step GEMM (step_flops) may still use MKL's
+// threads; inside the parallel region MKL runs each thread's GEMMs serially.
+template <typename F>
+void for_each_block(const std::vector<Block>& blocks, int64_t step_flops, const F& f) {
+  if (blocks.size() == 1) {
+    SerialBlas serial(step_flops < kSerialGemmFlops);
+    return f(blocks[0]);
+  }
+  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) f(blocks[i]);
+  });
 }
 
 template <typename Cell, typename T>
 struct Kernel {
   static constexpr int G = Cell::kGates, S = Cell::kSaved;
 
-  // One step's pointwise forward on rows [0, n). kProj: h goes to proj_in (multiplied by W_hr
-  // afterwards) instead of straight to y and the state.
+  // One step's pointwise forward on `n` consecutive rows (all pointers at the first row).
+  // kProj: h goes to proj_in (multiplied by W_hr afterwards) instead of to y and the state.
   template <bool kProj>
   static void pointwise_forward(int64_t n, int64_t H, const T* xg, const T* hg, const T* bias_x,
                                 const T* bias_h, T* h_state, T* c_state, T* save, T* y,
                                 T* proj_in) {
-    at::parallel_for(0, n, row_grain(G * H), [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        const T* __restrict__ xr = xg + b * G * H;
-        const T* __restrict__ hr = hg + b * G * H;
-        const T* __restrict__ bx = bias_x;
-        const T* __restrict__ bh = bias_h;
-        T* __restrict__ sr = save + b * S * H;
-        T* cr = Cell::kCellState ? c_state + b * H : nullptr;
-        if constexpr (kProj) {
-          T* __restrict__ pr = proj_in + b * H;
+    for (int64_t b = 0; b < n; ++b) {
+      const T* __restrict__ xr = xg + b * G * H;
+      const T* __restrict__ hr = hg + b * G * H;
+      const T* __restrict__ bx = bias_x;
+      const T* __restrict__ bh = bias_h;
+      T* __restrict__ sr = save + b * S * H;
+      T* cr = Cell::kCellState ? c_state + b * H : nullptr;
+      if constexpr (kProj) {
+        T* __restrict__ pr = proj_in + b * H;
 #pragma omp simd
-          for (int64_t j = 0; j < H; ++j) {
-            T c = cr[j];
-            pr[j] = Cell::forward(xr, hr, bx, bh, H, j, T(0), c, sr);
-            cr[j] = c;
-          }
-        } else {
-          T* hs = h_state + b * H;
-          T* __restrict__ yr = y + b * H;
+        for (int64_t j = 0; j < H; ++j) {
+          T c = cr[j];
+          pr[j] = Cell::forward(xr, hr, bx, bh, H, j, T(0), c, sr);
+          cr[j] = c;
+        }
+      } else {
+        T* hs = h_state + b * H;
+        T* __restrict__ yr = y + b * H;
 #pragma omp simd
-          for (int64_t j = 0; j < H; ++j) {
-            T c = Cell::kCellState ? cr[j] : T(0);
-            const T h = Cell::forward(xr, hr, bx, bh, H, j, hs[j], c, sr);
-            if constexpr (Cell::kCellState) cr[j] = c;
-            hs[j] = h;
-            yr[j] = h;
-          }
+        for (int64_t j = 0; j < H; ++j) {
+          T c = Cell::kCellState ? cr[j] : T(0);
+          const T h = Cell::forward(xr, hr, bx, bh, H, j, hs[j], c, sr);
+          if constexpr (Cell::kCellState) cr[j] = c;
+          hs[j] = h;
+          yr[j] = h;
         }
       }
-    });
+    }
   }
 
   static std::vector<Tensor> forward(const Tensor& xp, const Steps& steps, const Tensor& h0,
@@ -114,82 +176,85 @@ struct Kernel {
     Tensor c_prev = at::empty({train && Cell::kCellState ? rows : 0, H}, opts);
     Tensor proj_in = at::empty({proj ? (train ? rows : B) : 0, H}, opts);
     const Tensor w_hh_t = w_hh.t(), w_hr_t = proj ? w_hr.t() : Tensor();
-    for (int64_t k = 0; k < steps.count(); ++k) {
-      const int64_t t = steps.visit(k, reverse), n = steps.size[t], off = steps.offset[t];
-      Tensor h_active = h_state.narrow(0, 0, n);
-      Tensor hg_t = hg.narrow(0, 0, n);
-      at::mm_out(hg_t, h_active, w_hh_t);
-      const int64_t save_row = train ? off : 0;
-      if (train) {
-        std::memcpy(ptr<T>(h_prev) + off * Hout, ptr<T>(h_state), n * Hout * sizeof(T));
-        if (Cell::kCellState)
-          std::memcpy(ptr<T>(c_prev) + off * H, ptr<T>(c_state), n * H * sizeof(T));
+    const int64_t step_flops = 2 * B * Hout * G * H;
+    for_each_block(row_blocks(steps), step_flops, [&](const Block& blk) {
+      c10::NoGradGuard no_grad;  // worker threads start with grad mode on
+      const int64_t r0 = blk.begin;
+      for (int64_t k = 0; k < steps.count(); ++k) {
+        const int64_t t = steps.visit(k, reverse), n = steps.size[t];
+        if (n <= r0) continue;
+        const int64_t nb = std::min(n, blk.end) - r0, row = steps.offset[t] + r0;
+        Tensor h_blk = h_state.narrow(0, r0, nb), hg_blk = hg.narrow(0, r0, nb);
+        at::mm_out(hg_blk, h_blk, w_hh_t);
+        if (train) {
+          std::memcpy(ptr<T>(h_prev) + row * Hout, ptr<T>(h_blk), nb * Hout * sizeof(T));
+          if (Cell::kCellState)
+            std::memcpy(ptr<T>(c_prev) + row * H, ptr<T>(c_state) + r0 * H, nb * H * sizeof(T));
+        }
+        const int64_t save_row = train ? row : r0;
+        T* save = ptr<T>(act) + save_row * S * H;
+        const T* xg = ptr<T>(xp) + row * G * H;
+        T* c_blk = Cell::kCellState ? ptr<T>(c_state) + r0 * H : nullptr;
+        if (proj) {
+          Tensor pin = proj_in.narrow(0, save_row, nb), y_blk = y.narrow(0, row, nb);
+          pointwise_forward<true>(nb, H, xg, ptr<T>(hg_blk), ptr<T>(bias_x), ptr<T>(bias_h),
+                                  nullptr, c_blk, save, nullptr, ptr<T>(pin));
+          at::mm_out(y_blk, pin, w_hr_t);
+          h_blk.copy_(y_blk);
+        } else {
+          pointwise_forward<false>(nb, H, xg, ptr<T>(hg_blk), ptr<T>(bias_x), ptr<T>(bias_h),
+                                   ptr<T>(h_blk), c_blk, save, ptr<T>(y) + row * H, nullptr);
+        }
       }
-      T* save = ptr<T>(act) + save_row * S * H;
-      if (proj) {
-        Tensor pin = proj_in.narrow(0, save_row, n);
-        pointwise_forward<true>(n, H, ptr<T>(xp) + off * G * H, ptr<T>(hg), ptr<T>(bias_x),
-                                ptr<T>(bias_h), nullptr, ptr<T>(c_state), save, nullptr,
-                                ptr<T>(pin));
-        Tensor y_t = y.narrow(0, off, n);
-        at::mm_out(y_t, pin, w_hr_t);
-        h_active.copy_(y_t);
-      } else {
-        pointwise_forward<false>(n, H, ptr<T>(xp) + off * G * H, ptr<T>(hg), ptr<T>(bias_x),
-                                 ptr<T>(bias_h), ptr<T>(h_state), ptr<T>(c_state), save,
-                                 ptr<T>(y) + off * H, nullptr);
-      }
-    }
+    });
     if (!train) act = h_prev = c_prev = proj_in = at::empty({0}, opts);
     return {y, h_state, c_state, act, h_prev, c_prev, proj_in};
   }
 
-  // One step's pointwise backward on rows [0, n). dh of each row is dh_state + dy (kProj: dh is
-  // the already projected-back gradient). Writes d(xg), d(hg), the state gradients, and adds
-  // the column sums of d(xg) and d(hg) (the bias gradients) to this thread's row of
-  // dbx_part / dbh_part while the rows are still in cache.
+  // One step's pointwise backward on `n` consecutive rows (pointers at the first row). dh of
+  // each row is dh_state + dy (kProj: dy is the gradient already projected back through W_hr).
+  // Writes d(xg), d(hg) and the state gradients, and adds the column sums of d(xg), d(hg)
+  // (the bias gradients) to the block's dbx / dbh while the rows are still in cache.
   template <bool kProj>
   static void pointwise_backward(int64_t n, int64_t H, const T* save, const T* h_prev,
                                  const T* c_prev, const T* dy, T* dh_state, T* dc_state, T* dxg,
-                                 T* dhg, T* dbx_part, T* dbh_part) {
-    at::parallel_for(0, n, row_grain(G * H), [&](int64_t begin, int64_t end) {
-      T* __restrict__ dbx = dbx_part + at::get_thread_num() * G * H;
-      T* __restrict__ dbh = dbh_part + at::get_thread_num() * G * H;
-      for (int64_t b = begin; b < end; ++b) {
-        const T* __restrict__ sr = save + b * S * H;
-        const T* __restrict__ cp = Cell::kCellState ? c_prev + b * H : nullptr;
-        T* dc = Cell::kCellState ? dc_state + b * H : nullptr;
-        T* __restrict__ dxr = dxg + b * G * H;
-        T* __restrict__ dhr = Cell::kSplitHiddenGrad ? dhg + b * G * H : nullptr;
-        T* dhs = dh_state + b * H;
-        if constexpr (kProj) {
-          const T* __restrict__ dhp = dy + b * H;
+                                 T* dhg, T* dbx_blk, T* dbh_blk) {
+    T* __restrict__ dbx = dbx_blk;
+    T* __restrict__ dbh = dbh_blk;
+    for (int64_t b = 0; b < n; ++b) {
+      const T* __restrict__ sr = save + b * S * H;
+      const T* __restrict__ cp = Cell::kCellState ? c_prev + b * H : nullptr;
+      T* dc = Cell::kCellState ? dc_state + b * H : nullptr;
+      T* __restrict__ dxr = dxg + b * G * H;
+      T* __restrict__ dhr = Cell::kSplitHiddenGrad ? dhg + b * G * H : nullptr;
+      if constexpr (kProj) {
+        const T* __restrict__ dhp = dy + b * H;
 #pragma omp simd
-          for (int64_t j = 0; j < H; ++j) {
-            T dcj = dc[j];
-            Cell::backward(sr, H, j, T(0), cp[j], dhp[j], dcj, dxr, dhr);
-            dc[j] = dcj;
-          }
-        } else {
-          const T* __restrict__ hp = h_prev + b * H;
-          const T* __restrict__ dyr = dy + b * H;
-#pragma omp simd
-          for (int64_t j = 0; j < H; ++j) {
-            T dcj = Cell::kCellState ? dc[j] : T(0);
-            const T direct = Cell::backward(sr, H, j, hp[j], Cell::kCellState ? cp[j] : T(0),
-                                            dhs[j] + dyr[j], dcj, dxr, dhr);
-            if constexpr (Cell::kCellState) dc[j] = dcj;
-            if constexpr (Cell::kSplitHiddenGrad) dhs[j] = direct;
-          }
+        for (int64_t j = 0; j < H; ++j) {
+          T dcj = dc[j];
+          Cell::backward(sr, H, j, T(0), cp[j], dhp[j], dcj, dxr, dhr);
+          dc[j] = dcj;
         }
+      } else {
+        T* dhs = dh_state + b * H;
+        const T* __restrict__ hp = h_prev + b * H;
+        const T* __restrict__ dyr = dy + b * H;
 #pragma omp simd
-        for (int64_t k = 0; k < G * H; ++k) dbx[k] += dxr[k];
-        if constexpr (Cell::kSplitHiddenGrad) {
-#pragma omp simd
-          for (int64_t k = 0; k < G * H; ++k) dbh[k] += dhr[k];
+        for (int64_t j = 0; j < H; ++j) {
+          T dcj = Cell::kCellState ? dc[j] : T(0);
+          const T direct = Cell::backward(sr, H, j, hp[j], Cell::kCellState ? cp[j] : T(0),
+                                          dhs[j] + dyr[j], dcj, dxr, dhr);
+          if constexpr (Cell::kCellState) dc[j] = dcj;
+          if constexpr (Cell::kSplitHiddenGrad) dhs[j] = direct;
         }
       }
-    });
+#pragma omp simd
+      for (int64_t k = 0; k < G * H; ++k) dbx[k] += dxr[k];
+      if constexpr (Cell::kSplitHiddenGrad) {
+#pragma omp simd
+        for (int64_t k = 0; k < G * H; ++k) dbh[k] += dhr[k];
+      }
+    }
   }
 
   static std::vector<Tensor> backward(const Steps& steps, const Tensor& w_hh, const Tensor& w_hr,
@@ -207,36 +272,44 @@ struct Kernel {
     Tensor dhg = Cell::kSplitHiddenGrad ? at::empty({rows, G * H}, opts) : dxg;
     Tensor dh_total = at::empty({proj ? rows : 0, Hout}, opts);  // dh per step, for dW_hr
     Tensor dproj_in = at::empty({proj ? B : 0, H}, opts);
-    // Per-thread partial bias gradients (summed after the loop).
-    Tensor dbx_part = at::zeros({at::get_num_threads(), G * H}, opts);
+    const std::vector<Block> blocks = row_blocks(steps);
+    // Per-block partial bias gradients, summed after the loop.
+    const int64_t nblocks = static_cast<int64_t>(blocks.size());
+    Tensor dbx_part = at::zeros({nblocks, G * H}, opts);
     Tensor dbh_part = Cell::kSplitHiddenGrad ? at::zeros_like(dbx_part) : dbx_part;
-    for (int64_t k = steps.count() - 1; k >= 0; --k) {
-      const int64_t t = steps.visit(k, reverse), n = steps.size[t], off = steps.offset[t];
-      Tensor dh_active = dh_state.narrow(0, 0, n);
-      const T* save = ptr<T>(act) + off * S * H;
-      T* dxg_t = ptr<T>(dxg) + off * G * H;
-      T* dhg_t = ptr<T>(dhg) + off * G * H;
-      if (proj) {
-        Tensor dh_t = dh_total.narrow(0, off, n);
-        at::add_out(dh_t, dh_active, grad_y.narrow(0, off, n));
-        Tensor dproj_t = dproj_in.narrow(0, 0, n);
-        at::mm_out(dproj_t, dh_t, w_hr);
-        pointwise_backward<true>(n, H, save, nullptr, ptr<T>(c_prev) + off * H, ptr<T>(dproj_in),
-                                 ptr<T>(dh_state), ptr<T>(dc_state), dxg_t, dhg_t,
-                                 ptr<T>(dbx_part), ptr<T>(dbh_part));
-      } else {
-        pointwise_backward<false>(n, H, save, ptr<T>(h_prev) + off * Hout,
-                                  Cell::kCellState ? ptr<T>(c_prev) + off * H : nullptr,
-                                  ptr<T>(grad_y) + off * Hout, ptr<T>(dh_state),
-                                  ptr<T>(dc_state), dxg_t, dhg_t, ptr<T>(dbx_part),
-                                  ptr<T>(dbh_part));
+    for_each_block(blocks, 2 * B * Hout * G * H, [&](const Block& blk) {
+      c10::NoGradGuard no_grad;
+      const int64_t r0 = blk.begin;
+      T* dbx = ptr<T>(dbx_part) + blk.index * G * H;
+      T* dbh = ptr<T>(dbh_part) + blk.index * G * H;
+      for (int64_t k = steps.count() - 1; k >= 0; --k) {
+        const int64_t t = steps.visit(k, reverse), n = steps.size[t];
+        if (n <= r0) continue;
+        const int64_t nb = std::min(n, blk.end) - r0, row = steps.offset[t] + r0;
+        Tensor dh_blk = dh_state.narrow(0, r0, nb);
+        const T* save = ptr<T>(act) + row * S * H;
+        T* dxg_blk = ptr<T>(dxg) + row * G * H;
+        T* dhg_blk = ptr<T>(dhg) + row * G * H;
+        T* dc_blk = Cell::kCellState ? ptr<T>(dc_state) + r0 * H : nullptr;
+        if (proj) {
+          Tensor dh_t = dh_total.narrow(0, row, nb), dproj_blk = dproj_in.narrow(0, r0, nb);
+          at::add_out(dh_t, dh_blk, grad_y.narrow(0, row, nb));
+          at::mm_out(dproj_blk, dh_t, w_hr);
+          pointwise_backward<true>(nb, H, save, nullptr, ptr<T>(c_prev) + row * H,
+                                   ptr<T>(dproj_blk), nullptr, dc_blk, dxg_blk, dhg_blk, dbx, dbh);
+        } else {
+          pointwise_backward<false>(nb, H, save, ptr<T>(h_prev) + row * Hout,
+                                    Cell::kCellState ? ptr<T>(c_prev) + row * H : nullptr,
+                                    ptr<T>(grad_y) + row * Hout, ptr<T>(dh_blk), dc_blk, dxg_blk,
+                                    dhg_blk, dbx, dbh);
+        }
+        Tensor dhg_step = dhg.narrow(0, row, nb);
+        if (Cell::kSplitHiddenGrad)
+          dh_blk.addmm_(dhg_step, w_hh);  // the cell already wrote its direct term
+        else
+          at::mm_out(dh_blk, dhg_step, w_hh);
       }
-      Tensor dhg_step = dhg.narrow(0, off, n);
-      if (Cell::kSplitHiddenGrad)
-        dh_active.addmm_(dhg_step, w_hh);  // the cell already wrote its direct term
-      else
-        at::mm_out(dh_active, dhg_step, w_hh);
-    }
+    });
     // Weight gradients: a few large GEMMs over all rows instead of one per step.
     Tensor dw_hh = at::mm(dhg.t(), h_prev);
     Tensor db_ih = dbx_part.sum(0);
