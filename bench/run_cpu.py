@@ -21,15 +21,19 @@ OUT = os.path.join(HERE, "RESULTS_CPU.md")
 def main(args):
     cmd = [sys.executable, "-m", "pytest", "-q", os.path.join(HERE, "test_bench_cpu.py"),
            f"--benchmark-json={JSON}", "--benchmark-disable-gc", *args]
+    # Spinning OpenMP workers wreck every 2-thread run once another process holds a core (seen:
+    # nn.LSTM 10x slower, fusedrnn 1.4x); passive waiting keeps the comparison about the kernels.
+    env = dict(os.environ)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     start = time.time()
-    subprocess.run(cmd, check=True)
+    subprocess.run(cmd, check=True, env=env)
     wall = time.time() - start
     with open(JSON) as f:
         data = json.load(f)
-    render(data, wall, " ".join(["python bench/run_cpu.py", *args]))
+    render(data, wall, " ".join(["python bench/run_cpu.py", *args]), env["OMP_WAIT_POLICY"])
 
 
-def render(data, wall, command):
+def render(data, wall, command, wait_policy):
     best = {}
     peak = None
     for b in data["benchmarks"]:
@@ -47,7 +51,8 @@ def render(data, wall, command):
              f"Command: `{command}` (wall {wall:.0f} s). Machine: {model}, "
              f"{os.cpu_count()} CPUs, torch {torch.__version__}, {data['datetime']}; "
              "SHARED with other jobs during the run, so absolute times are noisy: read the "
-             "ratios (min over rounds of one run).", "",
+             "ratios (min over rounds of one run). "
+             f"OMP_WAIT_POLICY={wait_policy}.", "",
              f"Measured GEMM peak (torch.mm 1024^3, MKL): **{peak:.0f} GFLOP/s**." if peak else "", "",
              "Ratio = torch.nn time / implementation time (>1: faster than torch.nn). "
              "Packed columns: packed input with lengths spread over 50-100 % of T, against the padded "
