@@ -48,6 +48,34 @@ def test_edge_sizes(rng, cell_name, steps, batch):
                    reverse=rng.random() < 0.5)
 
 
+@pytest.fixture
+def two_threads():
+    """The kernels split rows across intra-op threads; make sure there are two to split over."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("cell_name", list(CELLS))
+def test_row_blocks_across_threads(rng, two_threads, cell_name):
+    """Batch >= 16 runs one row block per thread (packed: blocks of unequal lengths)."""
+    batch_sizes = random_batch_sizes(rng, 6, 40, packed=True)
+    check_sequence(BACKEND, cell_name, batch_sizes, rng.choice(HIDDEN),
+                   proj=3 if cell_name == "lstm" else 0, reverse=rng.random() < 0.5)
+
+
+def test_row_split_gemms(two_threads):
+    """The whole-sequence GEMM helpers, large enough to be split across threads."""
+    a = torch.randn(3000, 70, dtype=torch.float64)
+    b = torch.randn(70, 50, dtype=torch.float64)
+    c = torch.randn(3000, 50, dtype=torch.float64)
+    assert_close(torch.ops.fusedrnn.mm_rows(a, b), a @ b, torch.float64, "mm_rows")
+    w = torch.randn(50, 70, dtype=torch.float64)
+    assert_close(torch.ops.fusedrnn.mm_rows(a, w.t()), a @ w.t(), torch.float64, "mm_rows w^T")
+    assert_close(torch.ops.fusedrnn.mm_tn(a, c), a.t() @ c, torch.float64, "mm_tn")
+
+
 def test_float32_wide_layer_matches_float64_reference(rng):
     """Vector-width main loops (H=70: 4 full AVX-512 lanes + tail) at float32 tolerance."""
     for cell_name in CELLS:

@@ -6,15 +6,20 @@
 
 TORCH_LIBRARY(fusedrnn, m) {
   m.def("sequence_forward(str cell, Tensor xp, Tensor batch_sizes, Tensor h0, Tensor? c0, "
-        "Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, bool reverse, bool train) -> Tensor[]");
+        "Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, bool reverse, bool train) "
+        "-> Tensor[]");
   m.def("sequence_backward(str cell, Tensor batch_sizes, Tensor w_hh, Tensor? w_hr, "
         "bool reverse, Tensor[] saved, Tensor grad_y, Tensor grad_hn, Tensor? grad_cn) "
         "-> Tensor[]");
+  m.def("mm_rows(Tensor a, Tensor b) -> Tensor");
+  m.def("mm_tn(Tensor a, Tensor b) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fusedrnn, CPU, m) {
   m.impl("sequence_forward", &fusedrnn::cpu::sequence_forward);
   m.impl("sequence_backward", &fusedrnn::cpu::sequence_backward);
+  m.impl("mm_rows", &fusedrnn::cpu::mm_rows);
+  m.impl("mm_tn", &fusedrnn::cpu::mm_tn);
 }
 
 // A bare Python module: `import fusedrnn._C` runs the static registration above.

@@ -118,6 +118,51 @@ void for_each_block(const std::vector<Block>& blocks, int64_t step_flops, const 
   });
 }
 
+// Whole-sequence GEMMs, cut by hand: one chunk of rows per thread, each chunk's GEMM run by
+// MKL on that thread alone. On the tall-skinny shapes here ([rows, 64] x [64, 256] and its
+// transposes) MKL's own 2-thread split measured ~2.4x slower than this (bench/gemm_routes.py).
+constexpr int64_t kMinRowsPerChunk = 256;
+
+int64_t row_chunks(int64_t rows, int64_t flops) {
+  if (flops < kSerialGemmFlops) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows / kMinRowsPerChunk));
+}
+
+// out[rows, N] = a[rows, K] @ b[K, N], rows split across threads.
+void mm_rows_out(Tensor& out, const Tensor& a, const Tensor& b) {
+  const int64_t rows = a.size(0);
+  const int64_t chunks = row_chunks(rows, 2 * rows * a.size(1) * b.size(1));
+  if (chunks == 1) {
+    at::mm_out(out, a, b);
+    return;
+  }
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    c10::NoGradGuard no_grad;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r0 = rows * i / chunks, r1 = rows * (i + 1) / chunks;
+      Tensor out_chunk = out.narrow(0, r0, r1 - r0);
+      at::mm_out(out_chunk, a.narrow(0, r0, r1 - r0), b);
+    }
+  });
+}
+
+// a[rows, M]^T @ b[rows, N]: the sum over rows split across threads, partial sums added after.
+Tensor mm_tn_rows(const Tensor& a, const Tensor& b) {
+  const int64_t rows = a.size(0);
+  const int64_t chunks = row_chunks(rows, 2 * rows * a.size(1) * b.size(1));
+  if (chunks == 1) return at::mm(a.t(), b);
+  Tensor partial = at::empty({chunks, a.size(1), b.size(1)}, a.options());
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    c10::NoGradGuard no_grad;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r0 = rows * i / chunks, r1 = rows * (i + 1) / chunks;
+      Tensor out_chunk = partial.select(0, i);
+      at::mm_out(out_chunk, a.narrow(0, r0, r1 - r0).t(), b.narrow(0, r0, r1 - r0));
+    }
+  });
+  return partial.sum(0);
+}
+
 template <typename Cell, typename T>
 struct Kernel {
   static constexpr int G = Cell::kGates, S = Cell::kSaved;
@@ -311,10 +356,10 @@ struct Kernel {
       }
     });
     // Weight gradients: a few large GEMMs over all rows instead of one per step.
-    Tensor dw_hh = at::mm(dhg.t(), h_prev);
+    Tensor dw_hh = mm_tn_rows(dhg, h_prev);
     Tensor db_ih = dbx_part.sum(0);
     Tensor db_hh = Cell::kSplitHiddenGrad ? dbh_part.sum(0) : db_ih;
-    Tensor dw_hr = proj ? at::mm(dh_total.t(), proj_in) : at::empty({0}, opts);
+    Tensor dw_hr = proj ? mm_tn_rows(dh_total, proj_in) : at::empty({0}, opts);
     return {dxg, dh_state, dc_state, dw_hh, db_hh, dw_hr, db_ih};
   }
 };
@@ -336,6 +381,20 @@ void check_dense(const Tensor& t, const Tensor& like, const char* what) {
 }
 
 }  // namespace
+
+Tensor mm_rows(const Tensor& a, const Tensor& b) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0),
+              "fusedrnn mm_rows: shapes ", a.sizes(), " and ", b.sizes(), " cannot be multiplied");
+  Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+  mm_rows_out(out, a.detach(), b.detach());
+  return out;
+}
+
+Tensor mm_tn(const Tensor& a, const Tensor& b) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(0) == b.size(0),
+              "fusedrnn mm_tn: shapes ", a.sizes(), " and ", b.sizes(), " do not share rows");
+  return mm_tn_rows(a.detach(), b.detach());
+}
 
 std::vector<Tensor> sequence_forward(const std::string& cell, const Tensor& xp,
                                      const Tensor& batch_sizes, const Tensor& h0,

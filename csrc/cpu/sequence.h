@@ -28,5 +28,10 @@ std::vector<at::Tensor> sequence_backward(const std::string& cell, const at::Ten
                                           const at::Tensor& grad_hn,
                                           const c10::optional<at::Tensor>& grad_cn);
 
+// a @ b and a^T @ b for the whole-sequence GEMMs (input projection and weight gradients),
+// split over rows by hand across the intra-op threads.
+at::Tensor mm_rows(const at::Tensor& a, const at::Tensor& b);
+at::Tensor mm_tn(const at::Tensor& a, const at::Tensor& b);
+
 }  // namespace cpu
 }  // namespace fusedrnn

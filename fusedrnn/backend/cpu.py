@@ -28,7 +28,7 @@ class _Layer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cell_name, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
         train = any(ctx.needs_input_grad)
-        xp = x if w_ih is None else torch.mm(x, w_ih.t())
+        xp = x if w_ih is None else torch.ops.fusedrnn.mm_rows(x, w_ih.t())
         y, h_n, c_n, *saved = torch.ops.fusedrnn.sequence_forward(
             cell_name, xp, batch_sizes, h0, c0, w_hh, b_ih, b_hh, w_hr, reverse, train)
         ctx.cell_name, ctx.reverse, ctx.has_c = cell_name, reverse, c0 is not None
@@ -48,8 +48,8 @@ class _Layer(torch.autograd.Function):
         if w_ih is None:
             dx, dw_ih = dxp, None
         else:
-            dx = torch.mm(dxp, w_ih) if need[1] else None
-            dw_ih = torch.mm(dxp.t(), x) if need[5] else None
+            dx = torch.ops.fusedrnn.mm_rows(dxp, w_ih) if need[1] else None
+            dw_ih = torch.ops.fusedrnn.mm_tn(dxp, x) if need[5] else None
         return (None, dx, None, dh0, dc0 if has_c else None, dw_ih, dw_hh,
                 db_ih if need[7] else None, db_hh if need[8] else None,
                 dw_hr if w_hr is not None else None, None)
