@@ -15,7 +15,9 @@ from collections import defaultdict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 JSON = os.path.join(HERE, "cpu.json")
-OUT = os.path.join(HERE, "RESULTS_CPU.md")
+THREADS = os.environ.get("FUSEDRNN_BENCH_THREADS", "2")
+# The configuration (2 threads) is RESULTS_CPU.md; other thread counts get their own file.
+OUT = os.path.join(HERE, "RESULTS_CPU.md" if THREADS == "2" else f"RESULTS_CPU_{THREADS}thread.md")
 
 
 def main(args):
@@ -30,7 +32,9 @@ def main(args):
     wall = time.time() - start
     with open(JSON) as f:
         data = json.load(f)
-    render(data, wall, " ".join(["python bench/run_cpu.py", *args]), env["OMP_WAIT_POLICY"])
+    prefix = [] if THREADS == "2" else [f"FUSEDRNN_BENCH_THREADS={THREADS}"]
+    render(data, wall, " ".join([*prefix, "python bench/run_cpu.py", *args]),
+           env["OMP_WAIT_POLICY"])
 
 
 def render(data, wall, command, wait_policy):
