@@ -39,6 +39,7 @@ else:
     ext_modules.append(CppExtension(
         name="fusedrnn._C",
         sources=sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp"))),
+        depends=sorted(glob.glob(os.path.join("csrc", "**", "*.h"), recursive=True)),
         include_dirs=[os.path.join(here, "csrc")],
         extra_compile_args=["-O3", "-fopenmp", *_arch_flags()],
         extra_link_args=["-fopenmp"],
