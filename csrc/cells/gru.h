@@ -13,7 +13,7 @@ struct GRU {
   static constexpr bool kSplitHiddenGrad = true;  // r scales hn, so d(hg_n) != d(xg_n)
 
   // Arguments as in LSTM::forward (xg, hg, bx, bh are [3H]).
-  template <typename T>
+  template <bool kSave = true, typename T>
   FUSEDRNN_HOST_DEVICE static T forward(const T* xg, const T* hg, const T* bx, const T* bh,
                                         int64_t H, int64_t j, T h_prev, T& /*c*/, T* save) {
     using M = Math<T>;
@@ -21,10 +21,12 @@ struct GRU {
     const T z = M::sigmoid(xg[H + j] + bx[H + j] + hg[H + j] + bh[H + j]);
     const T hn = hg[2 * H + j] + bh[2 * H + j];
     const T n = M::tanh(xg[2 * H + j] + bx[2 * H + j] + r * hn);
-    save[j] = r;
-    save[H + j] = z;
-    save[2 * H + j] = n;
-    save[3 * H + j] = hn;
+    if (kSave) {
+      save[j] = r;
+      save[H + j] = z;
+      save[2 * H + j] = n;
+      save[3 * H + j] = hn;
+    }
     return n + z * (h_prev - n);
   }
 

@@ -13,8 +13,8 @@ struct LSTM {
   static constexpr bool kSplitHiddenGrad = false;  // d(hg) == d(xg)
 
   // xg = x W_ih^T and hg = h W_hh^T: the row's [4H] GEMM outputs; bx, bh: b_ih, b_hh [4H].
-  // c: c_prev in, c_new out; writes the kSaved values for backward; returns h.
-  template <typename T>
+  // c: c_prev in, c_new out; writes the kSaved values for backward (if kSave); returns h.
+  template <bool kSave = true, typename T>
   FUSEDRNN_HOST_DEVICE static T forward(const T* xg, const T* hg, const T* bx, const T* bh,
                                         int64_t H, int64_t j, T /*h_prev*/, T& c, T* save) {
     using M = Math<T>;
@@ -24,11 +24,13 @@ struct LSTM {
     const T o = M::sigmoid(xg[3 * H + j] + bx[3 * H + j] + hg[3 * H + j] + bh[3 * H + j]);
     c = f * c + i * g;
     const T tc = M::tanh(c);
-    save[j] = i;
-    save[H + j] = f;
-    save[2 * H + j] = g;
-    save[3 * H + j] = o;
-    save[4 * H + j] = tc;
+    if (kSave) {
+      save[j] = i;
+      save[H + j] = f;
+      save[2 * H + j] = g;
+      save[3 * H + j] = o;
+      save[4 * H + j] = tc;
+    }
     return o * tc;
   }
 

@@ -13,13 +13,15 @@ struct RNN {
   static constexpr bool kSplitHiddenGrad = false;
 
   // Arguments as in LSTM::forward (xg, hg, bx, bh are [H]).
-  template <typename T>
+  template <bool kSave = true, typename T>
   FUSEDRNN_HOST_DEVICE static T forward(const T* xg, const T* hg, const T* bx, const T* bh,
                                         int64_t /*H*/, int64_t j, T /*h_prev*/, T& /*c*/,
                                         T* save) {
     const T pre = xg[j] + bx[j] + hg[j] + bh[j];
     const T h = kRelu ? Math<T>::relu(pre) : Math<T>::tanh(pre);
-    save[j] = h;
+    if (kSave) {
+      save[j] = h;
+    }
     return h;
   }
 

@@ -169,7 +169,8 @@ struct Kernel {
 
   // One step's pointwise forward on `n` consecutive rows (all pointers at the first row).
   // kProj: h goes to proj_in (multiplied by W_hr afterwards) instead of to y and the state.
-  template <bool kProj>
+  // kSave: write the activations backward needs (inference skips those stores).
+  template <bool kProj, bool kSave>
   static void pointwise_forward(int64_t n, int64_t H, const T* xg, const T* hg, const T* bias_x,
                                 const T* bias_h, T* h_state, T* c_state, T* save, T* y,
                                 T* proj_in) {
@@ -185,7 +186,7 @@ struct Kernel {
 #pragma omp simd
         for (int64_t j = 0; j < H; ++j) {
           T c = cr[j];
-          pr[j] = Cell::forward(xr, hr, bx, bh, H, j, T(0), c, sr);
+          pr[j] = Cell::template forward<kSave>(xr, hr, bx, bh, H, j, T(0), c, sr);
           cr[j] = c;
         }
       } else {
@@ -194,7 +195,7 @@ struct Kernel {
 #pragma omp simd
         for (int64_t j = 0; j < H; ++j) {
           T c = Cell::kCellState ? cr[j] : T(0);
-          const T h = Cell::forward(xr, hr, bx, bh, H, j, hs[j], c, sr);
+          const T h = Cell::template forward<kSave>(xr, hr, bx, bh, H, j, hs[j], c, sr);
           if constexpr (Cell::kCellState) cr[j] = c;
           hs[j] = h;
           yr[j] = h;
@@ -215,8 +216,8 @@ struct Kernel {
     Tensor h_state = h0.clone();
     Tensor c_state = Cell::kCellState ? c0.clone() : at::empty({0}, opts);
     Tensor hg = at::empty({B, G * H}, opts);
-    // Saved for backward (train) or per-step scratch (inference).
-    Tensor act = at::empty({train ? rows : B, S * H}, opts);
+    // Saved for backward (train only).
+    Tensor act = at::empty({train ? rows : 0, S * H}, opts);
     Tensor h_prev = at::empty({train ? rows : 0, Hout}, opts);
     Tensor c_prev = at::empty({train && Cell::kCellState ? rows : 0, H}, opts);
     Tensor proj_in = at::empty({proj ? (train ? rows : B) : 0, H}, opts);
@@ -236,19 +237,21 @@ struct Kernel {
           if (Cell::kCellState)
             std::memcpy(ptr<T>(c_prev) + row * H, ptr<T>(c_state) + r0 * H, nb * H * sizeof(T));
         }
-        const int64_t save_row = train ? row : r0;
-        T* save = ptr<T>(act) + save_row * S * H;
+        const int64_t save_row = train ? row : r0;  // proj_in is scratch in inference
+        T* save = train ? ptr<T>(act) + row * S * H : nullptr;
         const T* xg = ptr<T>(xp) + row * G * H;
         T* c_blk = Cell::kCellState ? ptr<T>(c_state) + r0 * H : nullptr;
         if (proj) {
           Tensor pin = proj_in.narrow(0, save_row, nb), y_blk = y.narrow(0, row, nb);
-          pointwise_forward<true>(nb, H, xg, ptr<T>(hg_blk), ptr<T>(bias_x), ptr<T>(bias_h),
-                                  nullptr, c_blk, save, nullptr, ptr<T>(pin));
+          (train ? pointwise_forward<true, true> : pointwise_forward<true, false>)(
+              nb, H, xg, ptr<T>(hg_blk), ptr<T>(bias_x), ptr<T>(bias_h), nullptr, c_blk, save,
+              nullptr, ptr<T>(pin));
           at::mm_out(y_blk, pin, w_hr_t);
           h_blk.copy_(y_blk);
         } else {
-          pointwise_forward<false>(nb, H, xg, ptr<T>(hg_blk), ptr<T>(bias_x), ptr<T>(bias_h),
-                                   ptr<T>(h_blk), c_blk, save, ptr<T>(y) + row * H, nullptr);
+          (train ? pointwise_forward<false, true> : pointwise_forward<false, false>)(
+              nb, H, xg, ptr<T>(hg_blk), ptr<T>(bias_x), ptr<T>(bias_h), ptr<T>(h_blk), c_blk,
+              save, ptr<T>(y) + row * H, nullptr);
         }
       }
     });
