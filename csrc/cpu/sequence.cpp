@@ -9,7 +9,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <type_traits>
 
 #include "cells/gru.h"
 #include "cells/lstm.h"
@@ -18,13 +17,6 @@
 // torch's MKL (when it has one): a thread-local thread count, to keep tiny per-step GEMMs off
 // the thread pool. Weak, so that a torch built without MKL still loads the extension.
 extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
-// ... and its packed-weight sgemm (CBLAS enums and MKL_INT are ints in torch's LP64 MKL).
-extern "C" size_t cblas_sgemm_pack_get_size(int, int, int, int) __attribute__((weak));
-extern "C" void cblas_sgemm_pack(int, int, int, int, int, int, float, const float*, int,
-                                 float*) __attribute__((weak));
-extern "C" void cblas_sgemm_compute(int, int, int, int, int, int, const float*, int,
-                                    const float*, int, float, float*, int)
-    __attribute__((weak));
 
 namespace fusedrnn {
 namespace cpu {
@@ -171,51 +163,6 @@ Tensor mm_tn_rows(const Tensor& a, const Tensor& b) {
   return partial.sum(0);
 }
 
-// The per-step GEMM C[m, N] (+)= A[m, K] @ W for one block, W fixed for the whole sequence.
-// float32 with torch's MKL: W is packed once (again only when the block's row count m changes,
-// as packed input shrinks it) and every step runs cblas_sgemm_compute, instead of MKL
-// re-packing W on every call (measured +5-75 % on the per-step shapes, bench/gemm_routes.py).
-// Otherwise at::mm_out / addmm_.
-template <typename T>
-class StepGemm {
- public:
-  explicit StepGemm(const Tensor& w) : w_(w) {}
-
-  void run(Tensor& c, const Tensor& a, bool accumulate) {
-    const int64_t m = a.size(0), k = w_.size(0), n = w_.size(1);
-    if constexpr (std::is_same_v<T, float>) {
-      if (cblas_sgemm_compute != nullptr && a.is_contiguous() && c.is_contiguous()) {
-        if (m != packed_m_) pack(m, k, n);
-        cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, m, n, k, a.data_ptr<float>(), k,
-                            packed_.data(), n, accumulate ? 1.0f : 0.0f, c.data_ptr<float>(), n);
-        return;
-      }
-    }
-    if (accumulate)
-      c.addmm_(a, w_);
-    else
-      at::mm_out(c, a, w_);
-  }
-
- private:
-  static constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151,
-                       kBMatrix = 162;
-
-  void pack(int64_t m, int64_t k, int64_t n) {
-    // w_ is W itself (row-major, stride n) or the transposed view of a contiguous [n, k].
-    const bool transposed = w_.stride(0) == 1 && w_.stride(1) == k;
-    TORCH_INTERNAL_ASSERT(transposed || (w_.stride(0) == n && w_.stride(1) == 1));
-    packed_.resize(cblas_sgemm_pack_get_size(kBMatrix, m, n, k) / sizeof(float) + 1);
-    cblas_sgemm_pack(kRowMajor, kBMatrix, transposed ? kTrans : kNoTrans, m, n, k, 1.0f,
-                     w_.data_ptr<float>(), transposed ? k : n, packed_.data());
-    packed_m_ = m;
-  }
-
-  Tensor w_;
-  std::vector<float> packed_;
-  int64_t packed_m_ = -1;
-};
-
 template <typename Cell, typename T>
 struct Kernel {
   static constexpr int G = Cell::kGates, S = Cell::kSaved;
@@ -278,14 +225,13 @@ struct Kernel {
     const int64_t step_flops = 2 * B * Hout * G * H;
     for_each_block(row_blocks(steps), step_flops, [&](const Block& blk) {
       c10::NoGradGuard no_grad;  // worker threads start with grad mode on
-      StepGemm<T> recurrent(w_hh_t), project(proj ? w_hr_t : w_hh_t);
       const int64_t r0 = blk.begin;
       for (int64_t k = 0; k < steps.count(); ++k) {
         const int64_t t = steps.visit(k, reverse), n = steps.size[t];
         if (n <= r0) continue;
         const int64_t nb = std::min(n, blk.end) - r0, row = steps.offset[t] + r0;
         Tensor h_blk = h_state.narrow(0, r0, nb), hg_blk = hg.narrow(0, r0, nb);
-        recurrent.run(hg_blk, h_blk, false);
+        at::mm_out(hg_blk, h_blk, w_hh_t);
         if (train) {
           std::memcpy(ptr<T>(h_prev) + row * Hout, ptr<T>(h_blk), nb * Hout * sizeof(T));
           if (Cell::kCellState)
@@ -300,7 +246,7 @@ struct Kernel {
           (train ? pointwise_forward<true, true> : pointwise_forward<true, false>)(
               nb, H, xg, ptr<T>(hg_blk), ptr<T>(bias_x), ptr<T>(bias_h), nullptr, c_blk, save,
               nullptr, ptr<T>(pin));
-          project.run(y_blk, pin, false);
+          at::mm_out(y_blk, pin, w_hr_t);
           h_blk.copy_(y_blk);
         } else {
           (train ? pointwise_forward<false, true> : pointwise_forward<false, false>)(
@@ -381,7 +327,6 @@ struct Kernel {
     Tensor dbh_part = Cell::kSplitHiddenGrad ? at::zeros_like(dbx_part) : dbx_part;
     for_each_block(blocks, 2 * B * Hout * G * H, [&](const Block& blk) {
       c10::NoGradGuard no_grad;
-      StepGemm<T> recurrent(w_hh), project(proj ? w_hr : w_hh);
       const int64_t r0 = blk.begin;
       T* dbx = ptr<T>(dbx_part) + blk.index * G * H;
       T* dbh = ptr<T>(dbh_part) + blk.index * G * H;
@@ -397,7 +342,7 @@ struct Kernel {
         if (proj) {
           Tensor dh_t = dh_total.narrow(0, row, nb), dproj_blk = dproj_in.narrow(0, r0, nb);
           at::add_out(dh_t, dh_blk, grad_y.narrow(0, row, nb));
-          project.run(dproj_blk, dh_t, false);
+          at::mm_out(dproj_blk, dh_t, w_hr);
           pointwise_backward<true>(nb, H, save, nullptr, ptr<T>(c_prev) + row * H,
                                    ptr<T>(dproj_blk), nullptr, dc_blk, dxg_blk, dhg_blk, dbx, dbh);
         } else {
@@ -407,8 +352,10 @@ struct Kernel {
                                     dhg_blk, dbx, dbh);
         }
         Tensor dhg_step = dhg.narrow(0, row, nb);
-        // GRU: add to the direct term the cell already wrote.
-        recurrent.run(dh_blk, dhg_step, Cell::kSplitHiddenGrad);
+        if (Cell::kSplitHiddenGrad)
+          dh_blk.addmm_(dhg_step, w_hh);  // the cell already wrote its direct term
+        else
+          at::mm_out(dh_blk, dhg_step, w_hh);
       }
     });
     // Weight gradients: a few large GEMMs over all rows instead of one per step.
