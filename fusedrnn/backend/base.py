@@ -11,9 +11,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import Tensor
-
 import torch.nn.functional as F
+from torch import Tensor
 
 from ..cells import Cell
 
