@@ -10,6 +10,18 @@ import sys
 from setuptools import setup
 
 ext_modules, cmdclass = [], {}
+
+
+def _arch_flags():
+    """-march=native: the pointwise loops auto-vectorize to the build machine's widest ISA.
+
+    512-bit vectors where the CPU has them: the LSTM pointwise pass measured ~30 % faster than
+    GCC's default 256-bit choice on this AVX-512 Xeon. The extension is built where it is
+    installed; set FUSEDRNN_ARCH_FLAGS (e.g. to "-march=x86-64-v3" or "") to build a binary
+    for other machines.
+    """
+    return os.environ.get("FUSEDRNN_ARCH_FLAGS", "-march=native -mprefer-vector-width=512").split()
+
 try:
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 except ImportError:  # torch not importable at build time: pure-Python install
@@ -27,8 +39,9 @@ else:
     ext_modules.append(CppExtension(
         name="fusedrnn._C",
         sources=sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp"))),
+        depends=sorted(glob.glob(os.path.join("csrc", "**", "*.h"), recursive=True)),
         include_dirs=[os.path.join(here, "csrc")],
-        extra_compile_args=["-O3", "-fopenmp"],
+        extra_compile_args=["-O3", "-fopenmp", *_arch_flags()],
         extra_link_args=["-fopenmp"],
     ))
     cmdclass["build_ext"] = OptionalBuildExtension

@@ -16,13 +16,14 @@ log = logging.getLogger("fusedrnn")
 # only imported when asked for (TRITON_INTERPRET must be set before that import).
 _REGISTRY: Dict[str, str] = {
     "reference": "fusedrnn.backend.reference:BACKEND",
+    "cpu": "fusedrnn.backend.cpu:BACKEND",
     "triton:persistent": "fusedrnn.backend.triton:PERSISTENT",
     "triton:alternating": "fusedrnn.backend.triton:ALTERNATING",
 }
 
 # What "auto" tries, best first, per device type. It always ends in "reference".
 _AUTO_ORDER: Dict[str, List[str]] = {
-    "cpu": ["reference"],
+    "cpu": ["cpu", "reference"],
     "cuda": ["triton:persistent", "triton:alternating", "reference"],
 }
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import dispatch
@@ -20,5 +19,5 @@ def rnn_layer(cell: Cell, x: Tensor, batch_sizes: Tensor, h0: Tensor, c0: Option
     hidden_size = w_hh.shape[0] // cell.gates
     proj_size = w_hr.shape[0] if w_hr is not None else 0
     impl = dispatch.select(backend, x.device, x.dtype, cell, hidden_size, proj_size)
-    xp = F.linear(x, w_ih, b_ih)  # one GEMM over every row of every step
-    return impl.sequence(cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse)
+    # Backend.layer: one input-projection GEMM over every row of every step, then the loop.
+    return impl.layer(cell, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse)

@@ -88,11 +88,17 @@ def run_and_grad(module, x, states, form, steps, batch, seed, upstream=None):
     return outs, grads, upstream
 
 
-def check_parity(rng, cell, form, variant, dtype):
+# The module-level grid runs on the oracle and on every CPU kernel backend built here.
+BACKENDS = [pytest.param("reference"), pytest.param("cpu", marks=pytest.mark.skipif(
+    fusedrnn.backends()["cpu"] != "available", reason="fusedrnn._C not built"))]
+
+
+def check_parity(rng, cell, form, variant, dtype, backend):
     bidirectional, batch_first, bias, given_states, use_proj = DESIGN[variant]
     layers = 1 + variant % 3
     proj = 3 if use_proj and cell == "lstm" else 0
-    ref, fused = make_pair(cell, layers, bidirectional, batch_first, bias, proj, dtype)
+    ref, fused = make_pair(cell, layers, bidirectional, batch_first, bias, proj, dtype,
+                           backend=backend)
     x, states, steps, batch = make_input(rng, ref, form, dtype, given_states)
     seed = rng.randrange(2**31)
     ref_outs, ref_grads, upstream = run_and_grad(ref, x, states, form, steps, batch, seed)
@@ -106,18 +112,20 @@ def check_parity(rng, cell, form, variant, dtype):
         assert_close(a, b, dtype, f"grad {name}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("variant", range(len(DESIGN)))
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("cell", list(MODULES))
-def test_parity_float64(rng, cell, form, variant):
-    check_parity(rng, cell, form, variant, torch.float64)
+def test_parity_float64(rng, cell, form, variant, backend):
+    check_parity(rng, cell, form, variant, torch.float64, backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("variant", [0, 3, 5, 6])
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("cell", list(MODULES))
-def test_parity_float32(rng, cell, form, variant):
-    check_parity(rng, cell, form, variant, torch.float32)
+def test_parity_float32(rng, cell, form, variant, backend):
+    check_parity(rng, cell, form, variant, torch.float32, backend)
 
 
 @pytest.mark.parametrize("cell", list(MODULES))

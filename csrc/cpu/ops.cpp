@@ -1,14 +1,26 @@
 // Registers fusedrnn's CPU ops with torch.library; importing fusedrnn._C loads them.
 #include <Python.h>
 #include <torch/library.h>
-#include <ATen/ATen.h>
 
-namespace fusedrnn {
-// Placeholder so the build is exercised end to end; the sequence kernels replace it.
-int64_t abi_version() { return 1; }
-}  // namespace fusedrnn
+#include "cpu/sequence.h"
 
-TORCH_LIBRARY(fusedrnn, m) { m.def("abi_version() -> int", &fusedrnn::abi_version); }
+TORCH_LIBRARY(fusedrnn, m) {
+  m.def("sequence_forward(str cell, Tensor xp, Tensor batch_sizes, Tensor h0, Tensor? c0, "
+        "Tensor w_hh, Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, bool reverse, bool train) "
+        "-> Tensor[]");
+  m.def("sequence_backward(str cell, Tensor batch_sizes, Tensor w_hh, Tensor? w_hr, "
+        "bool reverse, Tensor[] saved, Tensor grad_y, Tensor grad_hn, Tensor? grad_cn) "
+        "-> Tensor[]");
+  m.def("mm_rows(Tensor a, Tensor b) -> Tensor");
+  m.def("mm_tn(Tensor a, Tensor b) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fusedrnn, CPU, m) {
+  m.impl("sequence_forward", &fusedrnn::cpu::sequence_forward);
+  m.impl("sequence_backward", &fusedrnn::cpu::sequence_backward);
+  m.impl("mm_rows", &fusedrnn::cpu::mm_rows);
+  m.impl("mm_tn", &fusedrnn::cpu::mm_tn);
+}
 
 // A bare Python module: `import fusedrnn._C` runs the static registration above.
 static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};

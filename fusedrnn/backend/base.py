@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..cells import Cell
@@ -43,3 +44,15 @@ class Backend:
         returns y [rows, Hout], h_n [B, Hout], c_n [B, H] or None
         """
         raise NotImplementedError
+
+    def layer(self, cell: Cell, x: Tensor, batch_sizes: Tensor, h0: Tensor, c0: Optional[Tensor],
+              w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor],
+              w_hr: Optional[Tensor], reverse: bool):
+        """The whole layer direction from its input rows ``x [rows, I]``.
+
+        By default the hoisted input projection (one GEMM over every row) followed by
+        ``sequence``; a kernel backend may override it to fuse the projection's bias and
+        gradients into its own kernels.
+        """
+        return self.sequence(cell, F.linear(x, w_ih, b_ih), batch_sizes, h0, c0, w_hh, b_hh,
+                             w_hr, reverse)

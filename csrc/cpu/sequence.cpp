@@ -1,0 +1,477 @@
+// Sequence loops for every cell. Each thread owns a block of rows and runs the whole time loop
+// for it: per step one recurrent GEMM (ATen -> MKL) into preallocated buffers and one fused,
+// vectorized pointwise pass from csrc/cells/*.h. Only rows [0, batch_sizes[t]) of step t are
+// touched, so packed input runs natively.
+#include "cpu/sequence.h"
+
+#include <ATen/Parallel.h>
+#include <c10/core/GradMode.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "cells/gru.h"
+#include "cells/lstm.h"
+#include "cells/rnn.h"
+
+// torch's MKL (when it has one): a thread-local thread count, to keep tiny per-step GEMMs off
+// the thread pool. Weak, so that a torch built without MKL still loads the extension.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+namespace fusedrnn {
+namespace cpu {
+namespace {
+
+using at::Tensor;
+
+// Per-step row counts and the offset of each step's first row.
+struct Steps {
+  std::vector<int64_t> size, offset;
+  int64_t count() const { return static_cast<int64_t>(size.size()); }
+  // The order the forward pass visits the steps in (backward visits them reversed).
+  int64_t visit(int64_t k, bool reverse) const { return reverse ? count() - 1 - k : k; }
+};
+
+Steps make_steps(const Tensor& batch_sizes, int64_t rows) {
+  TORCH_CHECK(batch_sizes.device().is_cpu() && batch_sizes.scalar_type() == at::kLong &&
+                  batch_sizes.dim() == 1 && batch_sizes.numel() > 0,
+              "fusedrnn: batch_sizes must be a non-empty 1-D int64 CPU tensor");
+  Steps s;
+  auto sizes = batch_sizes.contiguous();
+  const int64_t* p = sizes.data_ptr<int64_t>();
+  int64_t off = 0;
+  for (int64_t t = 0; t < sizes.numel(); ++t) {
+    TORCH_CHECK(p[t] >= 0 && (t == 0 || p[t] <= p[t - 1]),
+                "fusedrnn: batch_sizes must be non-negative and non-increasing");
+    s.size.push_back(p[t]);
+    s.offset.push_back(off);
+    off += p[t];
+  }
+  TORCH_CHECK(off == rows, "fusedrnn: batch_sizes sum to ", off, " but the input has ", rows,
+              " rows");
+  return s;
+}
+
+template <typename T>
+T* ptr(const Tensor& t) {
+  return t.numel() ? t.data_ptr<T>() : nullptr;
+}
+
+// Rows never interact (h W^T is row by row), so the batch is cut into one contiguous row block
+// per thread and each thread runs the WHOLE time loop for its rows: one parallel region per
+// call, no barrier per step. Blocks get equal row-steps (longer sequences sit in lower rows).
+struct Block {
+  int64_t index, begin, end;
+};
+constexpr int64_t kMinRowsPerBlock = 8;  // below this a block's GEMM gets too thin to pay
+
+std::vector<Block> row_blocks(const Steps& steps) {
+  const int64_t B = steps.size[0];
+  const int64_t count = std::max<int64_t>(
+      1, std::min<int64_t>(at::get_num_threads(), B / kMinRowsPerBlock));
+  std::vector<int64_t> length(B, 0);  // steps row b is active in
+  int64_t total = 0;
+  for (int64_t n : steps.size) {
+    total += n;
+    for (int64_t b = 0; b < n; ++b) ++length[b];
+  }
+  std::vector<Block> blocks;
+  int64_t begin = 0, done = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    done += length[b];
+    const int64_t cut = static_cast<int64_t>(blocks.size()) + 1;
+    if (cut < count && b + 1 < B && done * count >= total * cut) {
+      blocks.push_back({cut - 1, begin, b + 1});
+      begin = b + 1;
+    }
+  }
+  blocks.push_back({static_cast<int64_t>(blocks.size()), begin, B});
+  return blocks;
+}
+
+// Per-step GEMMs below this many flops run on one thread: waking the pool costs more.
+constexpr int64_t kSerialGemmFlops = int64_t(1) << 22;
+
+// Pins MKL to one thread on this thread while alive (no-op without MKL).
+struct SerialBlas {
+  bool active;
+  int previous = 0;
+  explicit SerialBlas(bool on) : active(on && MKL_Set_Num_Threads_Local != nullptr) {
+    if (active) previous = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SerialBlas() {
+    if (active) MKL_Set_Num_Threads_Local(previous);
+  }
+};
+
+// Runs f(block) for every block, one per thread. A single block runs on the calling thread,
+// outside any parallel region, so that a large per-step GEMM (step_flops) may still use MKL's
+// threads; inside the parallel region MKL runs each thread's GEMMs serially.
+template <typename F>
+void for_each_block(const std::vector<Block>& blocks, int64_t step_flops, const F& f) {
+  if (blocks.size() == 1) {
+    SerialBlas serial(step_flops < kSerialGemmFlops);
+    return f(blocks[0]);
+  }
+  at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) f(blocks[i]);
+  });
+}
+
+// Whole-sequence GEMMs, cut by hand: one chunk of rows per thread, each chunk's GEMM run by
+// MKL on that thread alone. On the tall-skinny shapes here ([rows, 64] x [64, 256] and its
+// transposes) MKL's own 2-thread split measured ~2.4x slower than this (bench/gemm_routes.py).
+constexpr int64_t kMinRowsPerChunk = 256;
+
+int64_t row_chunks(int64_t rows, int64_t flops) {
+  if (flops < kSerialGemmFlops) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows / kMinRowsPerChunk));
+}
+
+// out[rows, N] = a[rows, K] @ b[K, N], rows split across threads.
+void mm_rows_out(Tensor& out, const Tensor& a, const Tensor& b) {
+  const int64_t rows = a.size(0);
+  const int64_t chunks = row_chunks(rows, 2 * rows * a.size(1) * b.size(1));
+  if (chunks == 1) {
+    at::mm_out(out, a, b);
+    return;
+  }
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    c10::NoGradGuard no_grad;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r0 = rows * i / chunks, r1 = rows * (i + 1) / chunks;
+      Tensor out_chunk = out.narrow(0, r0, r1 - r0);
+      at::mm_out(out_chunk, a.narrow(0, r0, r1 - r0), b);
+    }
+  });
+}
+
+// a[rows, M]^T @ b[rows, N]: the sum over rows split across threads, partial sums added after.
+Tensor mm_tn_rows(const Tensor& a, const Tensor& b) {
+  const int64_t rows = a.size(0);
+  const int64_t chunks = row_chunks(rows, 2 * rows * a.size(1) * b.size(1));
+  if (chunks == 1) return at::mm(a.t(), b);
+  Tensor partial = at::empty({chunks, a.size(1), b.size(1)}, a.options());
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    c10::NoGradGuard no_grad;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r0 = rows * i / chunks, r1 = rows * (i + 1) / chunks;
+      Tensor out_chunk = partial.select(0, i);
+      at::mm_out(out_chunk, a.narrow(0, r0, r1 - r0).t(), b.narrow(0, r0, r1 - r0));
+    }
+  });
+  return partial.sum(0);
+}
+
+template <typename Cell, typename T>
+struct Kernel {
+  static constexpr int G = Cell::kGates, S = Cell::kSaved;
+
+  // One step's pointwise forward on `n` consecutive rows (all pointers at the first row).
+  // kProj: h goes to proj_in (multiplied by W_hr afterwards) instead of to y and the state.
+  // kSave: write the activations backward needs (inference skips those stores).
+  template <bool kProj, bool kSave>
+  static void pointwise_forward(int64_t n, int64_t H, const T* xg, const T* hg, const T* bias_x,
+                                const T* bias_h, T* h_state, T* c_state, T* save, T* y,
+                                T* proj_in) {
+    for (int64_t b = 0; b < n; ++b) {
+      const T* __restrict__ xr = xg + b * G * H;
+      const T* __restrict__ hr = hg + b * G * H;
+      const T* __restrict__ bx = bias_x;
+      const T* __restrict__ bh = bias_h;
+      T* __restrict__ sr = save + b * S * H;
+      T* cr = Cell::kCellState ? c_state + b * H : nullptr;
+      if constexpr (kProj) {
+        T* __restrict__ pr = proj_in + b * H;
+#pragma omp simd
+        for (int64_t j = 0; j < H; ++j) {
+          T c = cr[j];
+          pr[j] = Cell::template forward<kSave>(xr, hr, bx, bh, H, j, T(0), c, sr);
+          cr[j] = c;
+        }
+      } else {
+        T* hs = h_state + b * H;
+        T* __restrict__ yr = y + b * H;
+#pragma omp simd
+        for (int64_t j = 0; j < H; ++j) {
+          T c = Cell::kCellState ? cr[j] : T(0);
+          const T h = Cell::template forward<kSave>(xr, hr, bx, bh, H, j, hs[j], c, sr);
+          if constexpr (Cell::kCellState) cr[j] = c;
+          hs[j] = h;
+          yr[j] = h;
+        }
+      }
+    }
+  }
+
+  static std::vector<Tensor> forward(const Tensor& xp, const Steps& steps, const Tensor& h0,
+                                     const Tensor& c0, const Tensor& w_hh, const Tensor& bias_x,
+                                     const Tensor& bias_h, const Tensor& w_hr, bool reverse,
+                                     bool train) {
+    const int64_t rows = xp.size(0), B = h0.size(0), H = w_hh.size(0) / G;
+    const int64_t Hout = h0.size(1);
+    const bool proj = w_hr.defined();
+    auto opts = xp.options();
+    Tensor y = at::empty({rows, Hout}, opts);
+    Tensor h_state = h0.clone();
+    Tensor c_state = Cell::kCellState ? c0.clone() : at::empty({0}, opts);
+    Tensor hg = at::empty({B, G * H}, opts);
+    // Saved for backward (train only).
+    Tensor act = at::empty({train ? rows : 0, S * H}, opts);
+    Tensor h_prev = at::empty({train ? rows : 0, Hout}, opts);
+    Tensor c_prev = at::empty({train && Cell::kCellState ? rows : 0, H}, opts);
+    Tensor proj_in = at::empty({proj ? (train ? rows : B) : 0, H}, opts);
+    const Tensor w_hh_t = w_hh.t(), w_hr_t = proj ? w_hr.t() : Tensor();
+    const int64_t step_flops = 2 * B * Hout * G * H;
+    for_each_block(row_blocks(steps), step_flops, [&](const Block& blk) {
+      c10::NoGradGuard no_grad;  // worker threads start with grad mode on
+      const int64_t r0 = blk.begin;
+      for (int64_t k = 0; k < steps.count(); ++k) {
+        const int64_t t = steps.visit(k, reverse), n = steps.size[t];
+        if (n <= r0) continue;
+        const int64_t nb = std::min(n, blk.end) - r0, row = steps.offset[t] + r0;
+        Tensor h_blk = h_state.narrow(0, r0, nb), hg_blk = hg.narrow(0, r0, nb);
+        at::mm_out(hg_blk, h_blk, w_hh_t);
+        if (train) {
+          std::memcpy(ptr<T>(h_prev) + row * Hout, ptr<T>(h_blk), nb * Hout * sizeof(T));
+          if (Cell::kCellState)
+            std::memcpy(ptr<T>(c_prev) + row * H, ptr<T>(c_state) + r0 * H, nb * H * sizeof(T));
+        }
+        const int64_t save_row = train ? row : r0;  // proj_in is scratch in inference
+        T* save = train ? ptr<T>(act) + row * S * H : nullptr;
+        const T* xg = ptr<T>(xp) + row * G * H;
+        T* c_blk = Cell::kCellState ? ptr<T>(c_state) + r0 * H : nullptr;
+        if (proj) {
+          Tensor pin = proj_in.narrow(0, save_row, nb), y_blk = y.narrow(0, row, nb);
+          (train ? pointwise_forward<true, true> : pointwise_forward<true, false>)(
+              nb, H, xg, ptr<T>(hg_blk), ptr<T>(bias_x), ptr<T>(bias_h), nullptr, c_blk, save,
+              nullptr, ptr<T>(pin));
+          at::mm_out(y_blk, pin, w_hr_t);
+          h_blk.copy_(y_blk);
+        } else {
+          (train ? pointwise_forward<false, true> : pointwise_forward<false, false>)(
+              nb, H, xg, ptr<T>(hg_blk), ptr<T>(bias_x), ptr<T>(bias_h), ptr<T>(h_blk), c_blk,
+              save, ptr<T>(y) + row * H, nullptr);
+        }
+      }
+    });
+    if (!train) act = h_prev = c_prev = proj_in = at::empty({0}, opts);
+    return {y, h_state, c_state, act, h_prev, c_prev, proj_in};
+  }
+
+  // One step's pointwise backward on `n` consecutive rows (pointers at the first row). dh of
+  // each row is dh_state + dy (kProj: dy is the gradient already projected back through W_hr).
+  // Writes d(xg), d(hg) and the state gradients, and adds the column sums of d(xg), d(hg)
+  // (the bias gradients) to the block's dbx / dbh while the rows are still in cache.
+  template <bool kProj>
+  static void pointwise_backward(int64_t n, int64_t H, const T* save, const T* h_prev,
+                                 const T* c_prev, const T* dy, T* dh_state, T* dc_state, T* dxg,
+                                 T* dhg, T* dbx_blk, T* dbh_blk) {
+    T* __restrict__ dbx = dbx_blk;
+    T* __restrict__ dbh = dbh_blk;
+    for (int64_t b = 0; b < n; ++b) {
+      const T* __restrict__ sr = save + b * S * H;
+      const T* __restrict__ cp = Cell::kCellState ? c_prev + b * H : nullptr;
+      T* dc = Cell::kCellState ? dc_state + b * H : nullptr;
+      T* __restrict__ dxr = dxg + b * G * H;
+      T* __restrict__ dhr = Cell::kSplitHiddenGrad ? dhg + b * G * H : nullptr;
+      if constexpr (kProj) {
+        const T* __restrict__ dhp = dy + b * H;
+#pragma omp simd
+        for (int64_t j = 0; j < H; ++j) {
+          T dcj = dc[j];
+          Cell::backward(sr, H, j, T(0), cp[j], dhp[j], dcj, dxr, dhr);
+          dc[j] = dcj;
+        }
+      } else {
+        T* dhs = dh_state + b * H;
+        const T* __restrict__ hp = h_prev + b * H;
+        const T* __restrict__ dyr = dy + b * H;
+#pragma omp simd
+        for (int64_t j = 0; j < H; ++j) {
+          T dcj = Cell::kCellState ? dc[j] : T(0);
+          const T direct = Cell::backward(sr, H, j, hp[j], Cell::kCellState ? cp[j] : T(0),
+                                          dhs[j] + dyr[j], dcj, dxr, dhr);
+          if constexpr (Cell::kCellState) dc[j] = dcj;
+          if constexpr (Cell::kSplitHiddenGrad) dhs[j] = direct;
+        }
+      }
+#pragma omp simd
+      for (int64_t k = 0; k < G * H; ++k) dbx[k] += dxr[k];
+      if constexpr (Cell::kSplitHiddenGrad) {
+#pragma omp simd
+        for (int64_t k = 0; k < G * H; ++k) dbh[k] += dhr[k];
+      }
+    }
+  }
+
+  static std::vector<Tensor> backward(const Steps& steps, const Tensor& w_hh, const Tensor& w_hr,
+                                      bool reverse, const Tensor& act, const Tensor& h_prev,
+                                      const Tensor& c_prev, const Tensor& proj_in,
+                                      const Tensor& grad_y, const Tensor& grad_hn,
+                                      const Tensor& grad_cn) {
+    const int64_t rows = act.size(0), B = grad_hn.size(0), H = w_hh.size(0) / G;
+    const int64_t Hout = grad_hn.size(1);
+    const bool proj = w_hr.defined();
+    auto opts = act.options();
+    Tensor dh_state = grad_hn.clone();
+    Tensor dc_state = Cell::kCellState ? grad_cn.clone() : at::empty({0}, opts);
+    Tensor dxg = at::empty({rows, G * H}, opts);
+    Tensor dhg = Cell::kSplitHiddenGrad ? at::empty({rows, G * H}, opts) : dxg;
+    Tensor dh_total = at::empty({proj ? rows : 0, Hout}, opts);  // dh per step, for dW_hr
+    Tensor dproj_in = at::empty({proj ? B : 0, H}, opts);
+    const std::vector<Block> blocks = row_blocks(steps);
+    // Per-block partial bias gradients, summed after the loop.
+    const int64_t nblocks = static_cast<int64_t>(blocks.size());
+    Tensor dbx_part = at::zeros({nblocks, G * H}, opts);
+    Tensor dbh_part = Cell::kSplitHiddenGrad ? at::zeros_like(dbx_part) : dbx_part;
+    for_each_block(blocks, 2 * B * Hout * G * H, [&](const Block& blk) {
+      c10::NoGradGuard no_grad;
+      const int64_t r0 = blk.begin;
+      T* dbx = ptr<T>(dbx_part) + blk.index * G * H;
+      T* dbh = ptr<T>(dbh_part) + blk.index * G * H;
+      for (int64_t k = steps.count() - 1; k >= 0; --k) {
+        const int64_t t = steps.visit(k, reverse), n = steps.size[t];
+        if (n <= r0) continue;
+        const int64_t nb = std::min(n, blk.end) - r0, row = steps.offset[t] + r0;
+        Tensor dh_blk = dh_state.narrow(0, r0, nb);
+        const T* save = ptr<T>(act) + row * S * H;
+        T* dxg_blk = ptr<T>(dxg) + row * G * H;
+        T* dhg_blk = ptr<T>(dhg) + row * G * H;
+        T* dc_blk = Cell::kCellState ? ptr<T>(dc_state) + r0 * H : nullptr;
+        if (proj) {
+          Tensor dh_t = dh_total.narrow(0, row, nb), dproj_blk = dproj_in.narrow(0, r0, nb);
+          at::add_out(dh_t, dh_blk, grad_y.narrow(0, row, nb));
+          at::mm_out(dproj_blk, dh_t, w_hr);
+          pointwise_backward<true>(nb, H, save, nullptr, ptr<T>(c_prev) + row * H,
+                                   ptr<T>(dproj_blk), nullptr, dc_blk, dxg_blk, dhg_blk, dbx, dbh);
+        } else {
+          pointwise_backward<false>(nb, H, save, ptr<T>(h_prev) + row * Hout,
+                                    Cell::kCellState ? ptr<T>(c_prev) + row * H : nullptr,
+                                    ptr<T>(grad_y) + row * Hout, ptr<T>(dh_blk), dc_blk, dxg_blk,
+                                    dhg_blk, dbx, dbh);
+        }
+        Tensor dhg_step = dhg.narrow(0, row, nb);
+        if (Cell::kSplitHiddenGrad)
+          dh_blk.addmm_(dhg_step, w_hh);  // the cell already wrote its direct term
+        else
+          at::mm_out(dh_blk, dhg_step, w_hh);
+      }
+    });
+    // Weight gradients: a few large GEMMs over all rows instead of one per step.
+    Tensor dw_hh = mm_tn_rows(dhg, h_prev);
+    Tensor db_ih = dbx_part.sum(0);
+    Tensor db_hh = Cell::kSplitHiddenGrad ? dbh_part.sum(0) : db_ih;
+    Tensor dw_hr = proj ? mm_tn_rows(dh_total, proj_in) : at::empty({0}, opts);
+    return {dxg, dh_state, dc_state, dw_hh, db_hh, dw_hr, db_ih};
+  }
+};
+
+template <typename F>
+void with_cell(const std::string& cell, F&& f) {
+  if (cell == "lstm") return f(cells::LSTM{});
+  if (cell == "gru") return f(cells::GRU{});
+  if (cell == "rnn_tanh") return f(cells::RNNTanh{});
+  if (cell == "rnn_relu") return f(cells::RNNRelu{});
+  TORCH_CHECK(false, "fusedrnn: unknown cell '", cell, "'");
+}
+
+void check_dense(const Tensor& t, const Tensor& like, const char* what) {
+  TORCH_CHECK(t.device().is_cpu(), "fusedrnn cpu: ", what, " must be a CPU tensor");
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "fusedrnn cpu: ", what, " has dtype ",
+              t.scalar_type(), " but the input has ", like.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), "fusedrnn cpu: ", what, " must be contiguous");
+}
+
+}  // namespace
+
+Tensor mm_rows(const Tensor& a, const Tensor& b) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0),
+              "fusedrnn mm_rows: shapes ", a.sizes(), " and ", b.sizes(), " cannot be multiplied");
+  Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+  mm_rows_out(out, a.detach(), b.detach());
+  return out;
+}
+
+Tensor mm_tn(const Tensor& a, const Tensor& b) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(0) == b.size(0),
+              "fusedrnn mm_tn: shapes ", a.sizes(), " and ", b.sizes(), " do not share rows");
+  return mm_tn_rows(a.detach(), b.detach());
+}
+
+std::vector<Tensor> sequence_forward(const std::string& cell, const Tensor& xp,
+                                     const Tensor& batch_sizes, const Tensor& h0,
+                                     const c10::optional<Tensor>& c0, const Tensor& w_hh,
+                                     const c10::optional<Tensor>& b_ih,
+                                     const c10::optional<Tensor>& b_hh,
+                                     const c10::optional<Tensor>& w_hr, bool reverse, bool train) {
+  TORCH_CHECK(xp.dim() == 2 && h0.dim() == 2 && w_hh.dim() == 2,
+              "fusedrnn cpu: xp, h0 and w_hh must be 2-D");
+  for (auto* t : {&xp, &h0, &w_hh}) check_dense(*t, xp, "xp/h0/w_hh");
+  const Steps steps = make_steps(batch_sizes, xp.size(0));
+  TORCH_CHECK(h0.size(0) == steps.size[0], "fusedrnn cpu: h0 has ", h0.size(0),
+              " rows but batch_sizes[0] is ", steps.size[0]);
+  TORCH_CHECK(xp.size(1) == w_hh.size(0) && w_hh.size(1) == h0.size(1),
+              "fusedrnn cpu: xp [rows, G*H], w_hh [G*H, Hout] and h0 [B, Hout] do not match");
+  auto bias_or_zeros = [&](const c10::optional<Tensor>& b, const char* what) {
+    Tensor out = b.has_value() && b->defined() ? *b : at::zeros({w_hh.size(0)}, xp.options());
+    check_dense(out, xp, what);
+    TORCH_CHECK(out.dim() == 1 && out.size(0) == w_hh.size(0), "fusedrnn cpu: ", what,
+                " must have G*H elements");
+    return out;
+  };
+  const Tensor bias_x = bias_or_zeros(b_ih, "b_ih"), bias_h = bias_or_zeros(b_hh, "b_hh");
+  Tensor wr = w_hr.has_value() && w_hr->defined() ? *w_hr : Tensor();
+  if (wr.defined()) check_dense(wr, xp, "w_hr");
+  std::vector<Tensor> out;
+  with_cell(cell, [&](auto c) {
+    using Cell = decltype(c);
+    TORCH_CHECK(xp.size(1) % Cell::kGates == 0, "fusedrnn cpu: xp width is not G*H");
+    const int64_t H = xp.size(1) / Cell::kGates;
+    Tensor cc0;
+    if constexpr (Cell::kCellState) {
+      TORCH_CHECK(c0.has_value() && c0->defined(), "fusedrnn cpu: LSTM needs c0");
+      cc0 = *c0;
+      check_dense(cc0, xp, "c0");
+      TORCH_CHECK(cc0.size(0) == h0.size(0) && cc0.size(1) == H, "fusedrnn cpu: c0 shape");
+    } else {
+      TORCH_CHECK(!wr.defined(), "fusedrnn cpu: proj_size is only supported for LSTM");
+    }
+    TORCH_CHECK(wr.defined() ? (wr.size(0) == h0.size(1) && wr.size(1) == H) : h0.size(1) == H,
+                "fusedrnn cpu: h0/w_hr shapes do not match the hidden size");
+    AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "fusedrnn_sequence_forward", [&] {
+      out = Kernel<Cell, scalar_t>::forward(xp, steps, h0, cc0, w_hh, bias_x, bias_h, wr,
+                                            reverse, train);
+    });
+  });
+  return out;
+}
+
+std::vector<Tensor> sequence_backward(const std::string& cell, const Tensor& batch_sizes,
+                                      const Tensor& w_hh, const c10::optional<Tensor>& w_hr,
+                                      bool reverse, at::TensorList saved, const Tensor& grad_y,
+                                      const Tensor& grad_hn,
+                                      const c10::optional<Tensor>& grad_cn) {
+  TORCH_CHECK(saved.size() == 4, "fusedrnn cpu: backward expects the 4 saved tensors");
+  const Tensor &act = saved[0], &h_prev = saved[1], &c_prev = saved[2], &proj_in = saved[3];
+  const Steps steps = make_steps(batch_sizes, act.size(0));
+  for (auto* t : {&w_hh, &grad_y, &grad_hn}) check_dense(*t, act, "w_hh/grad");
+  Tensor wr = w_hr.has_value() && w_hr->defined() ? *w_hr : Tensor();
+  Tensor gc = grad_cn.has_value() && grad_cn->defined() ? *grad_cn : Tensor();
+  std::vector<Tensor> out;
+  with_cell(cell, [&](auto c) {
+    using Cell = decltype(c);
+    if constexpr (Cell::kCellState) {
+      TORCH_CHECK(gc.defined(), "fusedrnn cpu: LSTM backward needs grad_cn");
+      check_dense(gc, act, "grad_cn");
+    }
+    AT_DISPATCH_FLOATING_TYPES(act.scalar_type(), "fusedrnn_sequence_backward", [&] {
+      out = Kernel<Cell, scalar_t>::backward(steps, w_hh, wr, reverse, act, h_prev, c_prev,
+                                             proj_in, grad_y, grad_hn, gc);
+    });
+  });
+  return out;
+}
+
+}  // namespace cpu
+}  // namespace fusedrnn

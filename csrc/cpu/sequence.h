@@ -1,0 +1,37 @@
+// The CPU sequence kernels: one layer, one direction, whole sequence per call.
+#pragma once
+#include <ATen/ATen.h>
+#include <string>
+#include <vector>
+
+namespace fusedrnn {
+namespace cpu {
+
+// xp = x W_ih^T, with b_ih (if any) not yet added: the pointwise pass adds it.
+// Returns {y, h_n, c_n, saved...}; saved (act, h_prev, c_prev, proj_in) is what
+// sequence_backward needs and is left empty unless `train`. c_n is empty for cells without c.
+std::vector<at::Tensor> sequence_forward(const std::string& cell, const at::Tensor& xp,
+                                         const at::Tensor& batch_sizes, const at::Tensor& h0,
+                                         const c10::optional<at::Tensor>& c0,
+                                         const at::Tensor& w_hh,
+                                         const c10::optional<at::Tensor>& b_ih,
+                                         const c10::optional<at::Tensor>& b_hh,
+                                         const c10::optional<at::Tensor>& w_hr, bool reverse,
+                                         bool train);
+
+// Returns {d_xp, d_h0, d_c0, d_w_hh, d_b_hh, d_w_hr, d_b_ih} (d_c0/d_w_hr empty where not
+// applicable).
+std::vector<at::Tensor> sequence_backward(const std::string& cell, const at::Tensor& batch_sizes,
+                                          const at::Tensor& w_hh,
+                                          const c10::optional<at::Tensor>& w_hr, bool reverse,
+                                          at::TensorList saved, const at::Tensor& grad_y,
+                                          const at::Tensor& grad_hn,
+                                          const c10::optional<at::Tensor>& grad_cn);
+
+// a @ b and a^T @ b for the whole-sequence GEMMs (input projection and weight gradients),
+// split over rows by hand across the intra-op threads.
+at::Tensor mm_rows(const at::Tensor& a, const at::Tensor& b);
+at::Tensor mm_tn(const at::Tensor& a, const at::Tensor& b);
+
+}  // namespace cpu
+}  // namespace fusedrnn

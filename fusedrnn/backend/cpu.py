@@ -1,0 +1,89 @@
+"""The ``cpu`` backend: fused C++ sequence kernels from ``fusedrnn._C`` (csrc/cpu).
+
+Forward runs a whole layer direction in one op call and saves what the fused backward needs.
+``layer`` also owns the input projection: it is a bias-free GEMM (the pointwise pass adds
+``b_ih``, saving addmm's bias copy), and the backward returns both bias gradients as column
+sums taken inside the pointwise pass, so no separate reduction runs over the gradients.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .base import Backend
+
+_DTYPES = (torch.float32, torch.float64)
+
+try:
+    import fusedrnn._C  # noqa: F401  (registers torch.ops.fusedrnn.*)
+    _IMPORT_ERROR: Optional[str] = None
+except ImportError as exc:  # extension not built
+    _IMPORT_ERROR = str(exc)
+
+
+class _Layer(torch.autograd.Function):
+    """x -> (y, h_n, c_n). With ``w_ih`` None, x is already the projection xp (``sequence``)."""
+
+    @staticmethod
+    def forward(ctx, cell_name, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
+        train = any(ctx.needs_input_grad)
+        xp = x if w_ih is None else torch.ops.fusedrnn.mm_rows(x, w_ih.t())
+        y, h_n, c_n, *saved = torch.ops.fusedrnn.sequence_forward(
+            cell_name, xp, batch_sizes, h0, c0, w_hh, b_ih, b_hh, w_hr, reverse, train)
+        ctx.cell_name, ctx.reverse, ctx.has_c = cell_name, reverse, c0 is not None
+        ctx.save_for_backward(x, batch_sizes, w_ih, w_hh, w_hr, *saved)
+        return y, h_n, (c_n if c0 is not None else None)
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_hn, grad_cn):
+        x, batch_sizes, w_ih, w_hh, w_hr, *saved = ctx.saved_tensors
+        has_c = ctx.has_c
+        if has_c and grad_cn is None:
+            grad_cn = grad_hn.new_zeros(grad_hn.shape[0], saved[2].shape[1])
+        dxp, dh0, dc0, dw_hh, db_hh, dw_hr, db_ih = torch.ops.fusedrnn.sequence_backward(
+            ctx.cell_name, batch_sizes, w_hh, w_hr, ctx.reverse, saved, grad_y.contiguous(),
+            grad_hn.contiguous(), grad_cn.contiguous() if has_c else None)
+        need = ctx.needs_input_grad
+        if w_ih is None:
+            dx, dw_ih = dxp, None
+        else:
+            dx = torch.ops.fusedrnn.mm_rows(dxp, w_ih) if need[1] else None
+            dw_ih = torch.ops.fusedrnn.mm_tn(dxp, x) if need[5] else None
+        return (None, dx, None, dh0, dc0 if has_c else None, dw_ih, dw_hh,
+                db_ih if need[7] else None, db_hh if need[8] else None,
+                dw_hr if w_hr is not None else None, None)
+
+
+def _contiguous(*tensors):
+    return [t.contiguous() if t is not None else None for t in tensors]
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+
+    def unavailable_reason(self):
+        if _IMPORT_ERROR is not None:
+            return f"the C++ extension fusedrnn._C is not built ({_IMPORT_ERROR})"
+        return None
+
+    def unsupported_reason(self, device, dtype, cell, hidden_size, proj_size):
+        if device.type != "cpu":
+            return f"runs on CPU tensors only, not {device.type}"
+        if dtype not in _DTYPES:
+            return f"supports float32 and float64, not {dtype}"
+        return None
+
+    def sequence(self, cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse):
+        xp, h0, c0, w_hh, b_hh, w_hr = _contiguous(xp, h0, c0, w_hh, b_hh, w_hr)
+        return _Layer.apply(cell.name, xp, batch_sizes, h0, c0, None, w_hh, None, b_hh, w_hr,
+                            reverse)
+
+    def layer(self, cell, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = _contiguous(x, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                                              w_hr)
+        return _Layer.apply(cell.name, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
+                            reverse)
+
+
+BACKEND = CpuBackend()

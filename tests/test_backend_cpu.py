@@ -1,0 +1,163 @@
+"""The fused C++ ``cpu`` backend against the reference backend and torch.nn, fresh inputs each run."""
+import pytest
+import torch
+import torch.nn as nn
+from torch.nn.utils.rnn import pack_sequence
+
+import fusedrnn
+from fusedrnn import dispatch
+from fusedrnn.backend.cpu import BACKEND
+from fusedrnn.cells import CELLS
+from conftest import assert_close
+from sequence_check import check_sequence, random_batch_sizes, sequence_inputs
+
+pytestmark = pytest.mark.skipif(BACKEND.unavailable_reason() is not None,
+                                reason=f"cpu backend: {BACKEND.unavailable_reason()}")
+
+HIDDEN = [7, 13, 33]  # not multiples of any vector width
+# Input scale per dtype: at 0.5 the float32 reference itself drifts past 1e-5 from the float64
+# one (gradients grow through time); at 0.3 neither implementation does.
+SCALE = {torch.float64: 0.5, torch.float32: 0.3}
+
+
+@pytest.mark.parametrize("cell_name", list(CELLS))
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_sequence_matches_reference(rng, cell_name, packed, reverse, dtype):
+    hidden = rng.choice(HIDDEN)
+    batch_sizes = random_batch_sizes(rng, rng.randint(2, 7), rng.randint(2, 6), packed)
+    check_sequence(BACKEND, cell_name, batch_sizes, hidden, reverse=reverse, dtype=dtype,
+                   bias=rng.random() < 0.8, scale=SCALE[dtype])
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_lstm_proj_matches_reference(rng, packed, reverse, dtype):
+    batch_sizes = random_batch_sizes(rng, rng.randint(2, 6), rng.randint(2, 5), packed)
+    check_sequence(BACKEND, "lstm", batch_sizes, hidden=rng.choice(HIDDEN), proj=rng.randint(1, 6),
+                   reverse=reverse, dtype=dtype, scale=SCALE[dtype])
+
+
+@pytest.mark.parametrize("cell_name", list(CELLS))
+@pytest.mark.parametrize("steps,batch", [(1, 3), (5, 1), (1, 1)], ids=["T1", "B1", "T1B1"])
+def test_edge_sizes(rng, cell_name, steps, batch):
+    batch_sizes = random_batch_sizes(rng, steps, batch, packed=False)
+    check_sequence(BACKEND, cell_name, batch_sizes, hidden=rng.choice(HIDDEN),
+                   reverse=rng.random() < 0.5)
+
+
+@pytest.fixture
+def two_threads():
+    """The kernels split rows across intra-op threads; make sure there are two to split over."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("cell_name", list(CELLS))
+def test_row_blocks_across_threads(rng, two_threads, cell_name):
+    """Batch >= 16 runs one row block per thread (packed: blocks of unequal lengths)."""
+    batch_sizes = random_batch_sizes(rng, 6, 40, packed=True)
+    check_sequence(BACKEND, cell_name, batch_sizes, rng.choice(HIDDEN),
+                   proj=3 if cell_name == "lstm" else 0, reverse=rng.random() < 0.5)
+
+
+def test_row_split_gemms(two_threads):
+    """The whole-sequence GEMM helpers, large enough to be split across threads."""
+    a = torch.randn(3000, 70, dtype=torch.float64)
+    b = torch.randn(70, 50, dtype=torch.float64)
+    c = torch.randn(3000, 50, dtype=torch.float64)
+    assert_close(torch.ops.fusedrnn.mm_rows(a, b), a @ b, torch.float64, "mm_rows")
+    w = torch.randn(50, 70, dtype=torch.float64)
+    assert_close(torch.ops.fusedrnn.mm_rows(a, w.t()), a @ w.t(), torch.float64, "mm_rows w^T")
+    assert_close(torch.ops.fusedrnn.mm_tn(a, c), a.t() @ c, torch.float64, "mm_tn")
+
+
+def test_float32_wide_layer_matches_float64_reference(rng):
+    """Vector-width main loops (H=70: 4 full AVX-512 lanes + tail) at float32 tolerance."""
+    for cell_name in CELLS:
+        check_sequence(BACKEND, cell_name, random_batch_sizes(rng, 4, 9, packed=True), 70,
+                       dtype=torch.float32, scale=0.2)
+
+
+@pytest.mark.parametrize("cell_name", list(CELLS))
+def test_gradcheck(rng, cell_name):
+    cell = CELLS[cell_name]
+    batch_sizes = random_batch_sizes(rng, 4, 3, packed=True)
+    proj = 2 if cell_name == "lstm" else 0
+    args = sequence_inputs(cell, batch_sizes, hidden=3, proj=proj)
+    names = [k for k, v in args.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+    reverse = rng.random() < 0.5
+
+    def fn(*tensors):
+        kw = dict(args, **dict(zip(names, tensors)))
+        return tuple(t for t in BACKEND.sequence(cell, **kw, reverse=reverse) if t is not None)
+
+    assert torch.autograd.gradcheck(fn, [args[n] for n in names])
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "LSTM-proj", "GRU", "GRU-nobias", "RNN-relu"])
+def test_module_matches_torch_nn(rng, kind):
+    """Multi-layer, bidirectional, packed unsorted input: outputs, states and parameter grads."""
+    mode, _, extra = kind.partition("-")
+    kwargs = dict(num_layers=2, bidirectional=True, dtype=torch.float64)
+    if extra == "proj":
+        kwargs["proj_size"] = 4
+    if extra == "relu":
+        kwargs["nonlinearity"] = "relu"
+    if extra == "nobias":
+        kwargs["bias"] = False
+    ref = getattr(nn, mode)(5, 9, **kwargs)
+    fused = getattr(fusedrnn, mode)(5, 9, backend="cpu", **kwargs)
+    fused.load_state_dict(ref.state_dict())
+    lengths = [rng.randint(1, 6) for _ in range(4)]
+    seqs = [torch.randn(n, 5, dtype=torch.float64) for n in lengths]
+    outs = []
+    for model in (ref, fused):
+        xs = [s.clone().requires_grad_() for s in seqs]
+        out, hidden = model(pack_sequence(xs, enforce_sorted=False))
+        states = hidden if isinstance(hidden, tuple) else (hidden,)
+        loss = (out.data * torch.linspace(-1, 1, out.data.numel(), dtype=torch.float64)
+                .view_as(out.data)).sum() + sum((s ** 2).sum() for s in states)
+        loss.backward()
+        outs.append([out.data, *states, *[x.grad for x in xs],
+                     *[p.grad for p in model.parameters()]])
+    for i, (a, b) in enumerate(zip(outs[1], outs[0])):
+        assert_close(a, b, torch.float64, f"{kind} tensor {i}")
+
+
+def test_inference_saves_nothing():
+    """Under no_grad the forward keeps no activations for backward (train flag off)."""
+    cell = CELLS["lstm"]
+    args = sequence_inputs(cell, torch.tensor([3, 2]), hidden=4)
+    with torch.no_grad():
+        y, h, c = BACKEND.sequence(cell, **args, reverse=False)
+    assert y.grad_fn is None
+    out = torch.ops.fusedrnn.sequence_forward("lstm", args["xp"].detach(), args["batch_sizes"],
+                                              args["h0"].detach(), args["c0"].detach(),
+                                              args["w_hh"].detach(), None, args["b_hh"].detach(), None,
+                                              False, False)
+    assert all(t.numel() == 0 for t in out[3:])
+    torch.testing.assert_close(out[0], y)
+
+
+def test_auto_picks_cpu_and_falls_back():
+    cell = CELLS["lstm"]
+    assert dispatch.select("auto", torch.device("cpu"), torch.float32, cell, 8).name == "cpu"
+    assert dispatch.select("auto", torch.device("cpu"), torch.float16, cell, 8).name == "reference"
+    with pytest.raises(dispatch.BackendUnavailableError, match="float16"):
+        dispatch.select("cpu", torch.device("cpu"), torch.float16, cell, 8)
+
+
+def test_bad_arguments_raise_clear_errors():
+    cell = CELLS["gru"]
+    args = sequence_inputs(cell, torch.tensor([2, 3]), hidden=4)  # increasing counts
+    with pytest.raises(RuntimeError, match="non-increasing"):
+        BACKEND.sequence(cell, **args, reverse=False)
+    args = sequence_inputs(cell, torch.tensor([3, 2]), hidden=4)
+    args["batch_sizes"] = torch.tensor([3, 3])
+    with pytest.raises(RuntimeError, match="rows"):
+        BACKEND.sequence(cell, **args, reverse=False)
