@@ -36,8 +36,8 @@ def _check_state_dtype(module_name: str, x: Tensor, states: List[Tensor]) -> Non
                              f"input dtype ({x.dtype})")
 
 
-class _FusedRNNMixin:
-    """forward() for LSTM, GRU and RNN; the torch.nn base class provides everything else."""
+class _BackendArg:
+    """The one constructor argument fusedrnn adds to torch.nn's: ``backend``."""
 
     def __init__(self, *args, backend: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
@@ -45,6 +45,10 @@ class _FusedRNNMixin:
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", backend={self.backend!r}"
+
+
+class _FusedRNNMixin(_BackendArg):
+    """forward() for LSTM, GRU and RNN; the torch.nn base class provides everything else."""
 
     def _layer_weights(self, layer: int, direction: int):
         sfx = f"_l{layer}" + ("_reverse" if direction else "")
@@ -163,15 +167,8 @@ class RNN(_FusedRNNMixin, nn.RNN):
     """``torch.nn.RNN`` (tanh or relu) on fused kernels; extra keyword ``backend``."""
 
 
-class _FusedCellMixin:
+class _FusedCellMixin(_BackendArg):
     """forward() for the single-step cells: a length-1 sequence through the same backends."""
-
-    def __init__(self, *args, backend: str = "auto", **kwargs):
-        super().__init__(*args, **kwargs)
-        self.backend = dispatch.check_name(backend)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", backend={self.backend!r}"
 
     def _cell(self):
         if isinstance(self, nn.LSTMCell):
