@@ -45,6 +45,22 @@ def _load_w(w_ptr, gate, rows, cols, H, TRANSPOSE: tl.constexpr, DOT_DTYPE: tl.c
 
 
 @triton.jit
+def _load_w_gates(w_ptr, rows, cols, H, G: tl.constexpr, TRANSPOSE: tl.constexpr,
+                  DOT_DTYPE: tl.constexpr):
+    """The G gate tiles of W_hh (unused ones repeat gate 0), loaded once per program."""
+    w0 = _load_w(w_ptr, 0, rows, cols, H, TRANSPOSE, DOT_DTYPE)
+    w1 = w0
+    w2 = w0
+    w3 = w0
+    if G > 1:
+        w1 = _load_w(w_ptr, 1, rows, cols, H, TRANSPOSE, DOT_DTYPE)
+        w2 = _load_w(w_ptr, 2, rows, cols, H, TRANSPOSE, DOT_DTYPE)
+    if G > 3:
+        w3 = _load_w(w_ptr, 3, rows, cols, H, TRANSPOSE, DOT_DTYPE)
+    return w0, w1, w2, w3
+
+
+@triton.jit
 def sequence_fwd_kernel(xp_ptr, sizes_ptr, offsets_ptr, T, h0_ptr, c0_ptr, w_ptr, b_ptr,
                         y_ptr, hg_save_ptr, c_save_ptr, hn_ptr, cn_ptr, H,
                         CELL: tl.constexpr, G: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -56,15 +72,7 @@ def sequence_fwd_kernel(xp_ptr, sizes_ptr, offsets_ptr, T, h0_ptr, c0_ptr, w_ptr
     wk = tl.arange(0, HP)[:, None]
     batch = tl.load(sizes_ptr)
     state_mask = (rows < batch) & (cols < H)
-    w0 = _load_w(w_ptr, 0, wk, cols, H, True, DOT_DTYPE)
-    w1 = w0
-    w2 = w0
-    w3 = w0
-    if G > 1:
-        w1 = _load_w(w_ptr, 1, wk, cols, H, True, DOT_DTYPE)
-        w2 = _load_w(w_ptr, 2, wk, cols, H, True, DOT_DTYPE)
-    if G > 3:
-        w3 = _load_w(w_ptr, 3, wk, cols, H, True, DOT_DTYPE)
+    w0, w1, w2, w3 = _load_w_gates(w_ptr, wk, cols, H, G, True, DOT_DTYPE)
     b0, b1, b2, b3 = load_gates(b_ptr, 0, 0 * rows, cols, H, (cols < H) & HAS_BIAS, G)
     h = tl.load(h0_ptr + rows * H + cols, mask=state_mask, other=0.0).to(tl.float32)
     c = tl.zeros_like(h)
@@ -122,15 +130,7 @@ def sequence_bwd_kernel(xp_ptr, hg_save_ptr, y_ptr, h0_ptr, c_save_ptr, c0_ptr,
     wj = tl.arange(0, HP)[:, None]
     batch = tl.load(sizes_ptr)
     state_mask = (rows < batch) & (cols < H)
-    w0 = _load_w(w_ptr, 0, wj, cols, H, False, DOT_DTYPE)
-    w1 = w0
-    w2 = w0
-    w3 = w0
-    if G > 1:
-        w1 = _load_w(w_ptr, 1, wj, cols, H, False, DOT_DTYPE)
-        w2 = _load_w(w_ptr, 2, wj, cols, H, False, DOT_DTYPE)
-    if G > 3:
-        w3 = _load_w(w_ptr, 3, wj, cols, H, False, DOT_DTYPE)
+    w0, w1, w2, w3 = _load_w_gates(w_ptr, wj, cols, H, G, False, DOT_DTYPE)
     dh = tl.load(dhn_ptr + rows * H + cols, mask=state_mask, other=0.0).to(tl.float32)
     dc = tl.zeros_like(dh)
     if CELL == LSTM:
