@@ -22,15 +22,20 @@ except ImportError as exc:  # extension not built
     _IMPORT_ERROR = str(exc)
 
 
+def _forward(cell_name, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, train):
+    """x -> (y, h_n, c_n, *saved); ``train`` False skips every store backward would need."""
+    xp = x if w_ih is None else torch.ops.fusedrnn.mm_rows(x, w_ih.t())
+    return torch.ops.fusedrnn.sequence_forward(cell_name, xp, batch_sizes, h0, c0, w_hh, b_ih,
+                                               b_hh, w_hr, reverse, train)
+
+
 class _Layer(torch.autograd.Function):
     """x -> (y, h_n, c_n). With ``w_ih`` None, x is already the projection xp (``sequence``)."""
 
     @staticmethod
     def forward(ctx, cell_name, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
-        train = any(ctx.needs_input_grad)
-        xp = x if w_ih is None else torch.ops.fusedrnn.mm_rows(x, w_ih.t())
-        y, h_n, c_n, *saved = torch.ops.fusedrnn.sequence_forward(
-            cell_name, xp, batch_sizes, h0, c0, w_hh, b_ih, b_hh, w_hr, reverse, train)
+        y, h_n, c_n, *saved = _forward(cell_name, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                       w_hr, reverse, True)
         ctx.cell_name, ctx.reverse, ctx.has_c = cell_name, reverse, c0 is not None
         ctx.save_for_backward(x, batch_sizes, w_ih, w_hh, w_hr, *saved)
         return y, h_n, (c_n if c0 is not None else None)
@@ -59,6 +64,15 @@ def _contiguous(*tensors):
     return [t.contiguous() if t is not None else None for t in tensors]
 
 
+def _run(cell_name, *args):
+    """Autograd only when a gradient can flow: inference (no_grad, or nothing requiring grad)
+    calls the op directly, with no saves and no autograd node."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:-1]):
+        return _Layer.apply(cell_name, *args)
+    y, h_n, c_n = _forward(cell_name, *args, False)[:3]
+    return y, h_n, (c_n if args[3] is not None else None)
+
+
 class CpuBackend(Backend):
     name = "cpu"
 
@@ -76,14 +90,12 @@ class CpuBackend(Backend):
 
     def sequence(self, cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse):
         xp, h0, c0, w_hh, b_hh, w_hr = _contiguous(xp, h0, c0, w_hh, b_hh, w_hr)
-        return _Layer.apply(cell.name, xp, batch_sizes, h0, c0, None, w_hh, None, b_hh, w_hr,
-                            reverse)
+        return _run(cell.name, xp, batch_sizes, h0, c0, None, w_hh, None, b_hh, w_hr, reverse)
 
     def layer(self, cell, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
         x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = _contiguous(x, h0, c0, w_ih, w_hh, b_ih, b_hh,
                                                               w_hr)
-        return _Layer.apply(cell.name, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
-                            reverse)
+        return _run(cell.name, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse)
 
 
 BACKEND = CpuBackend()
