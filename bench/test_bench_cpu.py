@@ -12,20 +12,13 @@ import torch.nn as nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fusedrnn
+from shapes import SEED_SHAPES
 
 THREADS = int(os.environ.get("FUSEDRNN_BENCH_THREADS", "2"))
 ROUNDS = int(os.environ.get("FUSEDRNN_BENCH_ROUNDS", "5"))
 torch.set_num_threads(THREADS)
 
-# name: (T, B, I, H, layers)
-SHAPES = {
-    "copy": (20, 128, 100, 500, 1),
-    "adder11": (11, 128, 64, 64, 2),
-    "adder200": (200, 128, 64, 64, 3),
-    "smnist": (28, 128, 28, 128, 1),
-    "ptb": (25, 20, 200, 200, 2),
-    "char": (25, 1, 80, 100, 1),
-}
+
 PACKED_SHAPES = ["smnist", "ptb"]  # lengths drawn uniformly from [T/2, T]
 KINDS = {"LSTM": (nn.LSTM, nn.LSTMCell, 4), "GRU": (nn.GRU, nn.GRUCell, 3),
          "RNN": (nn.RNN, nn.RNNCell, 1)}
@@ -67,7 +60,7 @@ def model(kind, shape_name, impl):
     if key not in _models:
         torch.manual_seed(0)
         layer_cls, cell_cls, _ = KINDS[kind]
-        T, B, I, H, L = SHAPES[shape_name]
+        T, B, I, H, L = SEED_SHAPES[shape_name]
         if impl == "cell_loop":
             _models[key] = CellLoop(cell_cls, I, H, L)
         elif impl == "nn":
@@ -91,13 +84,13 @@ def run(benchmark, m, make_input, mode):
 
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("shape_name", list(SHAPES))
+@pytest.mark.parametrize("shape_name", list(SEED_SHAPES))
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_padded(benchmark, kind, shape_name, impl, mode):
-    T, B, I, H, L = SHAPES[shape_name]
+    T, B, I, H, L = SEED_SHAPES[shape_name]
     benchmark.group = f"{kind} {shape_name} {mode}"
     benchmark.extra_info.update(kind=kind, shape=shape_name, impl=impl, mode=mode,
-                                threads=THREADS, flops=gemm_flops(kind, SHAPES[shape_name])
+                                threads=THREADS, flops=gemm_flops(kind, SEED_SHAPES[shape_name])
                                 * (3 if mode == "fwdbwd" else 1))
     x = torch.randn(T, B, I)
     run(benchmark, model(kind, shape_name, impl), lambda: x, mode)
@@ -109,7 +102,7 @@ def test_padded(benchmark, kind, shape_name, impl, mode):
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_packed(benchmark, kind, shape_name, impl, mode):
     """Packed input, lengths spread over 50-100 % of T (compare with padded nn: test_padded)."""
-    T, B, I, H, L = SHAPES[shape_name]
+    T, B, I, H, L = SEED_SHAPES[shape_name]
     gen = torch.Generator().manual_seed(1)
     lengths = torch.randint(T // 2, T + 1, (B,), generator=gen).sort(descending=True).values
     lengths[0] = T
@@ -117,7 +110,7 @@ def test_packed(benchmark, kind, shape_name, impl, mode):
     benchmark.group = f"{kind} {shape_name} {mode}"
     benchmark.extra_info.update(kind=kind, shape=shape_name, impl=impl + "_packed", mode=mode,
                                 threads=THREADS,
-                                flops=gemm_flops(kind, SHAPES[shape_name], int(lengths.sum()))
+                                flops=gemm_flops(kind, SEED_SHAPES[shape_name], int(lengths.sum()))
                                 * (3 if mode == "fwdbwd" else 1))
     run(benchmark, model(kind, shape_name, impl), lambda: pack_padded_sequence(x, lengths), mode)
 

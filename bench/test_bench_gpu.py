@@ -19,16 +19,9 @@ triton_testing = pytest.importorskip("triton.testing")
 import fusedrnn  # noqa: E402
 from fusedrnn import dispatch  # noqa: E402
 from fusedrnn.cells import cell_for_mode  # noqa: E402
+from shapes import SEED_SHAPES  # noqa: E402
 
-SHAPES = {  # name: (T, B, I, H, layers)
-    "copy": (20, 128, 100, 500, 1),
-    "adder11": (11, 128, 64, 64, 2),
-    "adder200": (200, 128, 64, 64, 3),
-    "smnist": (28, 128, 28, 128, 1),
-    "ptb": (25, 20, 200, 200, 2),
-    "char": (25, 1, 80, 100, 1),
-    "flashrnn": (1024, 16, 768, 768, 1),
-}
+SHAPES = {**SEED_SHAPES, "flashrnn": (1024, 16, 768, 768, 1)}  # FlashRNN's public setting
 PATHS = ["triton:persistent", "triton:alternating"]
 
 
