@@ -25,15 +25,16 @@ PAD = 0  # symbols are 1..vocab, GO is vocab + 1
 
 # The seed report's model: embedding 100, hidden 500, batch 128, RMSProp(6e-4, momentum 0.9).
 _REPORT = dict(embed=100, hidden=500, batch_size=128, optimizer="rmsprop", lr=6e-4,
-               eval_every=500, clip=5.0)
+               eval_every=500)
 
 PRESETS = {
     "quick": dict(about="under a minute: loss falls, accuracy climbs", length=8, embed=32,
                   hidden=128, batch_size=64, lr=3e-3, iters=300, eval_every=100,
                   test_lengths="8", reverse_source=True),
     "default": dict(about="the main job: >= 99% at length 20 in about 10 minutes", length=20,
-                    embed=64, hidden=256, batch_size=64, lr=2e-3, iters=2500, eval_every=250,
-                    test_lengths="10,20", reverse_source=True, clip=5.0),
+                    embed=64, hidden=256, batch_size=64, lr=2e-3, lr_schedule="plateau",
+                    min_lr=1e-4, factor=0.5, patience=1, iters=3000, eval_every=250,
+                    test_lengths="20", reverse_source=True, clip=5.0),
     "report-train20": dict(about="report model 1: train 20, test 10/20/30", length=20,
                            test_lengths="10,20,30", iters=15000, **_REPORT),
     "report-train20-pad30": dict(about="report model 2: train 20 padded to 30", length=20,
@@ -44,8 +45,9 @@ PRESETS = {
                                  pad_to=50, test_lengths="20,30,50", iters=100000, **_REPORT),
     "generalise": dict(about="length study: random lengths 1..30, packed, test up to 50",
                        length=30, min_length=1, packed=True, test_lengths="10,20,30,50",
-                       embed=64, hidden=256, batch_size=64, lr=2e-3, iters=6000,
-                       eval_every=500, reverse_source=True, clip=5.0),
+                       embed=64, hidden=256, batch_size=64, lr=2e-3, lr_schedule="plateau",
+                       min_lr=1e-4, factor=0.5, patience=1, iters=4000, eval_every=500,
+                       reverse_source=True, clip=5.0),
 }
 
 
@@ -130,6 +132,7 @@ class CopyTask(Task):
         p.add_argument("--pad-to", type=int, default=None, help="pad sources with PAD to this")
         p.add_argument("--packed", action="store_true", default=None,
                        help="feed PackedSequences: padding never reaches the RNN")
+        p.add_argument("--no-packed", dest="packed", action="store_false")
         p.add_argument("--reverse-source", action="store_true", default=None,
                        help="encoder reads the source backwards (Sutskever et al.)")
         p.add_argument("--no-reverse-source", dest="reverse_source", action="store_false")

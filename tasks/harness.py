@@ -117,7 +117,8 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
         prog=f"python -m tasks.{task.name}", description=task.description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="presets (flags given explicitly override them):\n" + "\n".join(
-            f"  {name:<22} {_preset_summary(cfg)}" for name, cfg in task.presets.items())
+            f"  {name:<22} {cfg.get('about', '')}\n{'':<25}{_preset_summary(cfg)}"
+            for name, cfg in task.presets.items())
         + f"\ndefault preset: {task.default_preset}")
     g = p.add_argument_group("common")
     g.add_argument("--preset", choices=sorted(task.presets), default=None,
