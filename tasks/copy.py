@@ -32,8 +32,8 @@ PRESETS = {
                   hidden=128, batch_size=64, lr=3e-3, iters=300, eval_every=100,
                   test_lengths="8", reverse_source=True),
     "default": dict(about="the main job: >= 99% at length 20 in about 10 minutes", length=20,
-                    embed=64, hidden=256, batch_size=64, lr=2e-3, lr_schedule="plateau",
-                    min_lr=1e-4, factor=0.5, patience=1, iters=3000, eval_every=250,
+                    embed=64, hidden=256, batch_size=64, lr=2e-3, lr_schedule="cosine",
+                    min_lr=1e-4, iters=3000, eval_every=250,
                     test_lengths="20", reverse_source=True, clip=5.0),
     "report-train20": dict(about="report model 1: train 20, test 10/20/30", length=20,
                            test_lengths="10,20,30", iters=15000, **_REPORT),
@@ -45,8 +45,8 @@ PRESETS = {
                                  pad_to=50, test_lengths="20,30,50", iters=100000, **_REPORT),
     "generalise": dict(about="length study: random lengths 1..30, packed, test up to 50",
                        length=30, min_length=1, packed=True, test_lengths="10,20,30,50",
-                       embed=64, hidden=256, batch_size=64, lr=2e-3, lr_schedule="plateau",
-                       min_lr=1e-4, factor=0.5, patience=1, iters=4000, eval_every=500,
+                       embed=64, hidden=256, batch_size=64, lr=2e-3, lr_schedule="cosine",
+                       min_lr=1e-4, iters=4000, eval_every=500,
                        reverse_source=True, clip=5.0),
 }
 

@@ -132,9 +132,10 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
     g.add_argument("--hidden", type=int, default=None)
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=None)
     g.add_argument("--lr", type=float, default=None)
-    g.add_argument("--lr-schedule", choices=("fixed", "plateau"), default=None,
-                   help="plateau: ReduceLROnPlateau on the train loss at every eval")
-    g.add_argument("--min-lr", type=float, default=None, help="plateau floor")
+    g.add_argument("--lr-schedule", choices=("fixed", "plateau", "cosine"), default=None,
+                   help="plateau: ReduceLROnPlateau on the train loss at every eval; "
+                   "cosine: anneal to --min-lr over the run")
+    g.add_argument("--min-lr", type=float, default=None, help="plateau floor / cosine end")
     g.add_argument("--factor", type=float, default=None, help="plateau decay factor")
     g.add_argument("--patience", type=int, default=None, help="plateau patience (evals)")
     g.add_argument("--clip", type=float, default=None, help="gradient norm clip (0: off)")
@@ -218,10 +219,13 @@ def train(task: Task, cfg: Dict) -> Dict:
     model.to(device)
     backends = recurrent_backends(model)
     optimizer = make_optimizer(cfg, model.parameters())
-    scheduler = None
+    plateau = cosine = None
     if cfg["lr_schedule"] == "plateau":
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, factor=cfg["factor"], patience=cfg["patience"], min_lr=cfg["min_lr"])
+    elif cfg["lr_schedule"] == "cosine":
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=cfg["iters"], eta_min=cfg["min_lr"])
     train_gen = torch.Generator().manual_seed(cfg["seed"] + 1)
     tests = task.test_sets(cfg, torch.Generator().manual_seed(cfg["seed"] + 2), device)
 
@@ -269,6 +273,8 @@ def train(task: Task, cfg: Dict) -> Dict:
             if cfg["clip"]:
                 nn.utils.clip_grad_norm_(model.parameters(), cfg["clip"])
             optimizer.step()
+            if cosine is not None:
+                cosine.step()
             value = loss.item()
             if not math.isfinite(value):
                 status = f"diverged (loss {value}) at step {step}"
@@ -291,8 +297,8 @@ def train(task: Task, cfg: Dict) -> Dict:
                                 acc=f"{100 * window_acc / window_n:.1f}%", lr=f"{lr:.2g}")
                 window_loss, window_acc, window_n = 0.0, 0.0, 0
             if step % cfg["eval_every"] == 0 or step == cfg["iters"]:
-                if scheduler is not None:
-                    scheduler.step(plateau_loss / plateau_n)
+                if plateau is not None:
+                    plateau.step(plateau_loss / plateau_n)
                 plateau_loss, plateau_n = 0.0, 0
                 run_eval(step)
                 _write_results(out, task, cfg, backends, n_params, log, last_eval, step,
