@@ -181,8 +181,11 @@ class CopyTask(Task):
         length = int(batch["lengths"].max())
         pred = model.greedy(batch["src"], length, lengths)
         hits = pred == batch["target"][:length]
-        return dict(loss=loss, acc=hits.float().mean().item(),
-                    seq_acc=hits.all(0).float().mean().item())
+        metrics = dict(loss=loss, acc=hits.float().mean().item(),
+                       seq_acc=hits.all(0).float().mean().item())
+        if length > cfg["length"]:  # positions no training sequence reached
+            metrics["acc_past_train"] = hits[cfg["length"]:].float().mean().item()
+        return metrics
 
 
 TASK = CopyTask()
