@@ -19,6 +19,7 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
+from tqdm import tqdm
 
 import fusedrnn
 from fusedrnn import dispatch
@@ -237,7 +238,6 @@ def train(task: Task, cfg: Dict) -> Dict:
               f"params={n_params} threads={torch.get_num_threads()} seed={cfg['seed']} -> {out}")
     print(header, flush=True)
 
-    from tqdm import tqdm
     bar = tqdm(total=cfg["iters"], desc=f"{task.name}", dynamic_ncols=True,
                disable=None if cfg["progress"] is None else not cfg["progress"], file=sys.stderr)
     window_loss, window_acc, window_n = 0.0, 0.0, 0
