@@ -32,7 +32,7 @@ PRESETS = {
                      layers=3, digits=100, iters=2000, lr=1e-3, **_MODEL),
     "gru-100": dict(about="report: GRU, 3 layers, 100 digits, lr 0.001", cell="gru", layers=3,
                     digits=100, iters=2000, lr=1e-3, **_MODEL),
-    "rnn-dynamic": dict(about="report: RNN, 3 layers, ReduceLROnPlateau 0.2 -> 0.001 "
+    "rnn-dynamic": dict(about="report: RNN, 3 layers, SGD, ReduceLROnPlateau 0.2 -> 0.001 "
                         "(use --digits 100/150/200)", cell="rnn", layers=3, digits=100,
                         iters=3000, **{**_MODEL, **_DYNAMIC}),
 }
