@@ -1,0 +1,1 @@
+"""Training tasks that exercise fusedrnn end to end: ``python -m tasks.<name> --help``."""

@@ -1,0 +1,194 @@
+"""The copy task (seed report 000): a seq2seq encoder-decoder that copies random symbols.
+
+The encoder reads the source; its final state starts the decoder, which is fed ``GO, y1 ..
+y_{L-1}`` in training (teacher forcing) and predicts ``y1 .. yL``. Test accuracy is per symbol
+with greedy decoding (the decoder is fed its own predictions); test loss is teacher forced.
+
+Lengths: training sequences have ``--length`` symbols (or a uniform random length in
+``[--min-length, --length]``). With ``--pad-to P`` sources are padded with PAD up to P and the
+encoder reads the pads (the report's "train 20 + 10 padding"); with ``--packed`` the encoder and
+decoder get PackedSequences, so padding is never read at all. The loss is masked to real symbols.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from .harness import Task, main, make_rnn
+
+PAD = 0  # symbols are 1..vocab, GO is vocab + 1
+
+# The seed report's model: embedding 100, hidden 500, batch 128, RMSProp(6e-4, momentum 0.9).
+_REPORT = dict(embed=100, hidden=500, batch_size=128, optimizer="rmsprop", lr=6e-4,
+               eval_every=500)
+
+PRESETS = {
+    "quick": dict(about="under a minute: loss falls, accuracy climbs", length=8, embed=32,
+                  hidden=128, batch_size=64, lr=3e-3, iters=300, eval_every=100,
+                  test_lengths="8", reverse_source=True),
+    "default": dict(about="the main job: >= 99% at length 20 in about 10 minutes", length=20,
+                    embed=64, hidden=256, batch_size=64, lr=2e-3, lr_schedule="cosine",
+                    min_lr=1e-4, iters=3000, eval_every=250,
+                    test_lengths="20", reverse_source=True, clip=5.0),
+    "report-train20": dict(about="report model 1: train 20, test 10/20/30", length=20,
+                           test_lengths="10,20,30", iters=15000, **_REPORT),
+    "report-train20-pad30": dict(about="report model 2: train 20 padded to 30", length=20,
+                                 pad_to=30, test_lengths="10,20,30", iters=15000, **_REPORT),
+    "report-train30": dict(about="report model 3: train 30, test 20/30/50", length=30,
+                           test_lengths="20,30,50", iters=12000, **_REPORT),
+    "report-train30-pad50": dict(about="report model 4: train 30 padded to 50", length=30,
+                                 pad_to=50, test_lengths="20,30,50", iters=100000, **_REPORT),
+    "generalise": dict(about="length study: random lengths 1..30, packed, test up to 50",
+                       length=30, min_length=1, packed=True, test_lengths="10,20,30,50",
+                       embed=64, hidden=256, batch_size=64, lr=2e-3, lr_schedule="cosine",
+                       min_lr=1e-4, iters=4000, eval_every=500,
+                       reverse_source=True, clip=5.0),
+}
+
+
+class Seq2Seq(nn.Module):
+    """Shared embedding, recurrent encoder and decoder, linear read-out over the vocabulary."""
+
+    def __init__(self, cfg: Dict):
+        super().__init__()
+        self.vocab = cfg["vocab"]
+        self.embed = nn.Embedding(self.vocab + 2, cfg["embed"], padding_idx=PAD)
+        self.encoder = make_rnn(cfg, cfg["embed"])
+        self.decoder = make_rnn(cfg, cfg["embed"])
+        self.out = nn.Linear(cfg["hidden"], self.vocab + 2)
+
+    def _run(self, rnn: nn.Module, tokens, lengths: Optional[torch.Tensor], state=None):
+        x = self.embed(tokens)
+        if lengths is None:
+            return rnn(x, state)
+        packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+        y, state = rnn(packed, state)
+        return pad_packed_sequence(y, total_length=tokens.size(0))[0], state
+
+    def forward(self, src, dec_in, lengths: Optional[torch.Tensor] = None):
+        """Teacher-forced logits [T, B, vocab + 2]; ``lengths`` given = packed sequences."""
+        _, state = self._run(self.encoder, src, lengths)
+        y, _ = self._run(self.decoder, dec_in, lengths, state)
+        return self.out(y)
+
+    def greedy(self, src, steps: int, lengths: Optional[torch.Tensor] = None):
+        """Decode ``steps`` symbols feeding back the argmax; returns [steps, B]."""
+        _, state = self._run(self.encoder, src, lengths)
+        token = torch.full((src.size(1),), self.vocab + 1, dtype=torch.long, device=src.device)
+        out = []
+        for _ in range(steps):
+            y, state = self.decoder(self.embed(token)[None], state)
+            token = self.out(y[0]).argmax(-1)
+            out.append(token)
+        return torch.stack(out)
+
+
+def make_batch(gen: torch.Generator, lengths: torch.Tensor, vocab: int, pad_to: int = 0,
+               reverse_source: bool = False, device="cpu") -> Dict:
+    """Random sequences of the given lengths, time-major and padded with PAD.
+
+    target = the sequence itself; dec_in = GO then the sequence shifted by one; src = the
+    sequence (reversed within its length with ``reverse_source``); mask = real positions.
+    """
+    steps = max(int(lengths.max()), pad_to)
+    pos = torch.arange(steps)[:, None]
+    mask = pos < lengths[None, :]
+    seq = torch.randint(1, vocab + 1, (steps, len(lengths)), generator=gen) * mask
+    src = seq
+    if reverse_source:
+        src = seq.gather(0, torch.where(mask, lengths[None, :] - 1 - pos, pos))
+    dec_in = torch.cat([torch.full_like(seq[:1], vocab + 1), seq[:-1]])
+    to = lambda t: t.to(device)  # noqa: E731
+    return dict(src=to(src), dec_in=to(dec_in), target=to(seq), mask=to(mask), lengths=lengths)
+
+
+def masked_loss(logits, target, mask):
+    """Mean cross entropy over real symbols only: padded positions carry no weight at all."""
+    ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
+    mask = mask.flatten().to(ce.dtype)
+    return (ce * mask).sum() / mask.sum()
+
+
+class CopyTask(Task):
+    name = "copy"
+    description = __doc__
+    defaults = dict(vocab=10, embed=100, length=20, min_length=None, pad_to=0, packed=False,
+                    reverse_source=False, test_lengths="10,20,30", test_size=256)
+    presets = PRESETS
+    default_preset = "default"
+    epoch_iters = 500
+
+    def add_arguments(self, p: argparse.ArgumentParser) -> None:
+        p.add_argument("--vocab", type=int, default=None, help="number of symbols (default 10)")
+        p.add_argument("--embed", type=int, default=None, help="embedding size")
+        p.add_argument("--length", type=int, default=None, help="(max) training length")
+        p.add_argument("--min-length", type=int, default=None,
+                       help="random training lengths in [min-length, length]")
+        p.add_argument("--pad-to", type=int, default=None, help="pad sources with PAD to this")
+        p.add_argument("--packed", action="store_true", default=None,
+                       help="feed PackedSequences: padding never reaches the RNN")
+        p.add_argument("--no-packed", dest="packed", action="store_false")
+        p.add_argument("--reverse-source", action="store_true", default=None,
+                       help="encoder reads the source backwards (Sutskever et al.)")
+        p.add_argument("--no-reverse-source", dest="reverse_source", action="store_false")
+        p.add_argument("--test-lengths", default=None, help="comma-separated, e.g. 10,20,30,50")
+        p.add_argument("--test-size", type=int, default=None, help="test sequences per length")
+
+    def build(self, cfg: Dict) -> nn.Module:
+        return Seq2Seq(cfg)
+
+    def _train_name(self, cfg: Dict) -> int:
+        return max(cfg["pad_to"], cfg["length"]) if not cfg["packed"] else cfg["length"]
+
+    def sample(self, cfg, gen, device):
+        lo = cfg["min_length"] or cfg["length"]
+        lengths = torch.randint(lo, cfg["length"] + 1, (cfg["batch_size"],), generator=gen)
+        pad_to = 0 if cfg["packed"] else cfg["pad_to"]
+        batch = make_batch(gen, lengths, cfg["vocab"], pad_to, cfg["reverse_source"], device)
+        batch["packed"] = cfg["packed"]
+        return batch
+
+    def loss(self, model, batch):
+        lengths = batch["lengths"] if batch["packed"] else None
+        logits = model(batch["src"], batch["dec_in"], lengths)
+        loss = masked_loss(logits, batch["target"], batch["mask"])
+        with torch.no_grad():
+            hits = (logits.argmax(-1) == batch["target"]) & batch["mask"]
+            acc = (hits.sum() / batch["mask"].sum()).item()
+        return loss, {"acc": acc}
+
+    def test_sets(self, cfg, gen, device):
+        sets = {}
+        # Unpacked models read fixed-width sources, as the report's placeholders did: shorter
+        # test sequences are padded to the training width.
+        pad_to = 0 if cfg["packed"] else self._train_name(cfg)
+        for length in (int(x) for x in str(cfg["test_lengths"]).split(",")):
+            lengths = torch.full((cfg["test_size"],), length, dtype=torch.long)
+            batch = make_batch(gen, lengths, cfg["vocab"], pad_to, cfg["reverse_source"], device)
+            batch["packed"] = cfg["packed"]
+            sets[f"test:{length}/{self._train_name(cfg)}"] = batch
+        return sets
+
+    def evaluate(self, model, cfg, batch):
+        lengths = batch["lengths"] if batch["packed"] else None
+        loss = masked_loss(model(batch["src"], batch["dec_in"], lengths), batch["target"],
+                           batch["mask"]).item()
+        length = int(batch["lengths"].max())
+        pred = model.greedy(batch["src"], length, lengths)
+        hits = pred == batch["target"][:length]
+        metrics = dict(loss=loss, acc=hits.float().mean().item(),
+                       seq_acc=hits.all(0).float().mean().item())
+        if length > cfg["length"]:  # positions no training sequence reached
+            metrics["acc_past_train"] = hits[cfg["length"]:].float().mean().item()
+        return metrics
+
+
+TASK = CopyTask()
+
+if __name__ == "__main__":
+    main(TASK)

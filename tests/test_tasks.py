@@ -1,0 +1,147 @@
+"""The task harness and the copy/adder tasks: data generators, masking, fused == torch.nn at
+step one, and each quick preset learning."""
+import json
+
+import pytest
+import torch
+
+from tasks import adder, copy, harness
+from tasks.data import find_data_dir
+
+from conftest import assert_close
+
+
+def _cfg(task, argv, tmp_path):
+    return harness.resolve_config(task, [*argv, "--out", str(tmp_path), "--threads", "1"])
+
+
+# ---- data generators -------------------------------------------------------------------
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_copy_batch_targets_are_the_inputs(rng, reverse):
+    gen = torch.Generator().manual_seed(rng.randrange(2**31))
+    lengths = torch.tensor([rng.randint(1, 12) for _ in range(9)])
+    vocab = rng.randint(2, 20)
+    b = copy.make_batch(gen, lengths, vocab, pad_to=15, reverse_source=reverse)
+    assert b["src"].shape == (15, 9)
+    go = vocab + 1
+    for j, n in enumerate(lengths.tolist()):
+        seq = b["target"][:n, j]
+        src = b["src"][:n, j]
+        assert torch.equal(src.flip(0) if reverse else src, seq)
+        assert seq.min() >= 1 and seq.max() <= vocab
+        assert (b["target"][n:, j] == copy.PAD).all() and (b["src"][n:, j] == copy.PAD).all()
+        assert b["dec_in"][0, j] == go and torch.equal(b["dec_in"][1:n, j], seq[:-1])
+        assert b["mask"][:, j].sum() == n
+
+
+def test_adder_batch_targets_are_the_sums(rng):
+    gen = torch.Generator().manual_seed(rng.randrange(2**31))
+    digits = rng.randint(2, 40)
+    b = adder.make_batch(gen, digits, 50)
+    for j in range(50):
+        a, c, s = (adder.digits_to_int(b[k][:, j]) for k in ("a", "b", "target"))
+        assert a + c == s
+        assert a < 10 ** (digits - 1) and c < 10 ** (digits - 1)
+    assert b["target"].min() >= 0 and b["target"].max() <= 9
+
+
+# ---- masking ---------------------------------------------------------------------------
+
+def _scramble_after(t, lengths, gen, lo, hi, start_offset=0):
+    """t with every position >= length + start_offset replaced by random symbols."""
+    pos = torch.arange(t.size(0))[:, None]
+    noise = torch.randint(lo, hi, t.shape, generator=gen)
+    return torch.where(pos >= lengths[None, :] + start_offset, noise, t)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_copy_padding_does_not_leak_into_the_loss(rng, tmp_path, packed):
+    argv = ["--preset", "quick", "--hidden", "16", "--embed", "8", "--length", "9",
+            "--min-length", "2", "--batch-size", "12", "--seed", str(rng.randrange(1000))]
+    cfg = _cfg(copy.TASK, argv + (["--packed"] if packed else ["--pad-to", "14"]), tmp_path)
+    torch.manual_seed(cfg["seed"])
+    model = copy.TASK.build(cfg)
+    with torch.no_grad():  # peaked predictions, so that any leak moves the loss visibly
+        model.out.weight.mul_(50)
+    gen = torch.Generator().manual_seed(rng.randrange(2**31))
+    batch = copy.TASK.sample(cfg, gen, "cpu")
+    loss, _ = copy.TASK.loss(model, batch)
+
+    noisy = dict(batch)
+    lengths, vocab = batch["lengths"], cfg["vocab"]
+    noisy["target"] = _scramble_after(batch["target"], lengths, gen, 1, vocab + 1)
+    # dec_in[t] is fed before predicting target[t], so positions >= length are padding there too.
+    noisy["dec_in"] = _scramble_after(batch["dec_in"], lengths, gen, 1, vocab + 1)
+    if packed:  # a packed encoder never reads the source's padding either
+        noisy["src"] = _scramble_after(batch["src"], lengths, gen, 1, vocab + 1)
+    assert not torch.equal(noisy["target"], batch["target"])
+    torch.testing.assert_close(copy.TASK.loss(model, noisy)[0], loss, rtol=0, atol=1e-6)
+
+    # The check can fail: changing the real targets does move the loss (by far more than 1e-6).
+    real = dict(batch)
+    real["target"] = torch.where(batch["mask"], batch["target"] % vocab + 1, batch["target"])
+    assert abs(copy.TASK.loss(model, real)[0].item() - loss.item()) > 1e-4
+
+
+# ---- harness -----------------------------------------------------------------------------
+
+def test_flags_override_presets_which_override_defaults(tmp_path):
+    cfg = _cfg(copy.TASK, ["--preset", "quick", "--hidden", "7", "--optimizer", "rmsprop"], tmp_path)
+    assert (cfg["hidden"], cfg["optimizer"]) == (7, "rmsprop")
+    assert cfg["length"] == copy.PRESETS["quick"]["length"]
+    assert cfg["vocab"] == copy.CopyTask.defaults["vocab"]
+    assert harness.resolve_config(copy.TASK, [])["preset"] == "default"
+    assert _cfg(adder.TASK, ["--epochs", "3"], tmp_path)["iters"] == 3 * adder.TASK.epoch_iters
+
+
+@pytest.mark.parametrize("name", harness.OPTIMIZERS)
+def test_every_optimizer_builds(name):
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = harness.make_optimizer({"optimizer": name, "lr": 0.1}, [p])
+    p.grad = torch.ones(3)
+    opt.step()
+    assert (p < 0).all()
+
+
+def test_find_data_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("FUSEDRNN_DATA", str(tmp_path))
+    assert find_data_dir() == tmp_path
+    assert find_data_dir(tmp_path / "missing") is None
+    monkeypatch.setenv("FUSEDRNN_DATA", str(tmp_path / "missing"))
+    assert find_data_dir() is None
+
+
+@pytest.mark.parametrize("task,argv", [
+    (copy.TASK, ["--preset", "quick", "--hidden", "32", "--packed", "--min-length", "3"]),
+    (copy.TASK, ["--preset", "quick", "--hidden", "32", "--cell", "gru", "--layers", "2"]),
+    (adder.TASK, ["--preset", "quick", "--cell", "lstm", "--layers", "3"]),
+])
+def test_fused_and_torch_nn_give_the_same_first_step(task, argv, tmp_path):
+    cfg = _cfg(task, [*argv, "--iters", "2", "--eval-every", "2", "--no-plot"], tmp_path)
+    runs = {}
+    for fused in (False, True):
+        runs[fused] = harness.train(task, {**cfg, "fused": fused, "out": str(tmp_path / str(fused))})
+    assert runs[False]["backends"] == ["torch.nn"]
+    assert runs[True]["backends"] != ["torch.nn"]
+    first = [torch.tensor(runs[f]["first_loss"]) for f in (False, True)]
+    assert_close(first[1], first[0], torch.float32, "first-step loss")
+    name = next(iter(runs[False]["test"]))
+    assert_close(torch.tensor(runs[True]["test"][name]["loss"]),
+                 torch.tensor(runs[False]["test"][name]["loss"]), torch.float32, "loss at step 2")
+
+
+@pytest.mark.parametrize("task", [copy.TASK, adder.TASK], ids=["copy", "adder"])
+def test_quick_preset_learns(task, tmp_path, capsys):
+    results = harness.main(task, ["--preset", "quick", "--fused", "--threads", "1",
+                                  "--out", str(tmp_path)])
+    assert results["status"] == "finished"
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    train = [r for r in records if r["kind"] == "train"]
+    assert train[-1]["loss"] < 0.5 * results["first_loss"]
+    assert train[-1]["acc"] > train[0]["acc"] + 0.2
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["steps"] == results["config"]["iters"] and saved["steps_per_s"] > 0
+    out = capsys.readouterr().out
+    assert "iterations: " in out and "test_acc: " in out and "steps/s" in out
