@@ -27,6 +27,7 @@ def main(args):
     # nn.LSTM 10x slower, fusedrnn 1.4x); passive waiting keeps the comparison about the kernels.
     env = dict(os.environ)
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    load_before = os.getloadavg()[0]
     start = time.time()
     subprocess.run(cmd, check=True, env=env)
     wall = time.time() - start
@@ -34,10 +35,10 @@ def main(args):
         data = json.load(f)
     prefix = [] if THREADS == "2" else [f"FUSEDRNN_BENCH_THREADS={THREADS}"]
     render(data, wall, " ".join([*prefix, "python bench/run_cpu.py", *args]),
-           env["OMP_WAIT_POLICY"])
+           env["OMP_WAIT_POLICY"], load_before)
 
 
-def render(data, wall, command, wait_policy):
+def render(data, wall, command, wait_policy, load_before):
     best = {}
     peak = None
     for b in data["benchmarks"]:
@@ -54,7 +55,8 @@ def render(data, wall, command, wait_policy):
     lines = [f"# CPU speed: fusedrnn `cpu` vs torch.nn ({threads} threads, float32)", "",
              f"Command: `{command}` (wall {wall:.0f} s). Machine: {model}, "
              f"{os.cpu_count()} CPUs, torch {torch.__version__}, {data['datetime']}; "
-             "SHARED with other jobs during the run, so absolute times are noisy: read the "
+             f"load average before the run {load_before:.2f} (2 cores: anything near 1 or more "
+             "means other jobs shared the machine and absolute times are noisy): read the "
              "ratios (min over rounds of one run). "
              f"OMP_WAIT_POLICY={wait_policy}.", "",
              f"Measured GEMM peak (torch.mm 1024^3, MKL): **{peak:.0f} GFLOP/s**." if peak else "", "",
