@@ -32,8 +32,8 @@ def _check_device(module_name: str, x: Tensor, weight: Tensor, states: List[Tens
 def _check_state_dtype(module_name: str, x: Tensor, states: List[Tensor]) -> None:
     for s in states:
         if s.dtype != x.dtype:
-            raise ValueError(f"{module_name}: hidden state dtype ({s.dtype}) does not match "
-                             f"input dtype ({x.dtype})")
+            raise RuntimeError(f"{module_name}: hidden state dtype ({s.dtype}) does not match "
+                               f"input dtype ({x.dtype})")
 
 
 class _BackendArg:
@@ -86,10 +86,11 @@ class _FusedRNNMixin(_BackendArg):
             h0 = torch.zeros(*shape, out_size, dtype=x.dtype, device=x.device)
             hx = (h0, torch.zeros(*shape, self.hidden_size, dtype=x.dtype, device=x.device)) \
                 if is_lstm else h0
+            self.check_forward_args(x, hx, batch_sizes)
         else:
             states = list(hx) if is_lstm else [hx]
             if is_lstm and len(states) != 2:
-                raise ValueError(f"{name}: hx must be a tuple (h_0, c_0)")
+                raise RuntimeError(f"{name}: hx must be a tuple (h_0, c_0)")
             for s in states:
                 if not isinstance(s, Tensor):
                     raise TypeError(f"{name}: hidden states must be Tensors, got {type(s).__name__}")
@@ -101,10 +102,9 @@ class _FusedRNNMixin(_BackendArg):
             if not is_batched:
                 states = [s.unsqueeze(1) for s in states]
             hx = tuple(states) if is_lstm else states[0]
-            self.check_forward_args(x, hx, batch_sizes)
+            self.check_forward_args(x, hx, batch_sizes)  # before permuting: a clear shape error
             # Each batch of the hidden state should match the input sequence the user passed.
             hx = self.permute_hidden(hx, sorted_indices)
-        self.check_forward_args(x, hx, batch_sizes)
         states = list(hx) if is_lstm else [hx]
         _check_device(name, x, self.weight_ih_l0, states)
         _check_state_dtype(name, x, states)
@@ -192,8 +192,8 @@ class _FusedCellMixin(_BackendArg):
             raise RuntimeError(f"{name}: input has inconsistent input_size: got {x.size(1)} "
                                f"expected {self.input_size}")
         if x.dtype != self.weight_ih.dtype:
-            raise ValueError(f"{name}: input dtype ({x.dtype}) does not match weight dtype "
-                             f"({self.weight_ih.dtype})")
+            raise RuntimeError(f"{name}: input dtype ({x.dtype}) does not match weight dtype "
+                               f"({self.weight_ih.dtype})")
         batch = x.size(0)
         if hx is None:
             zeros = torch.zeros(batch, self.hidden_size, dtype=x.dtype, device=x.device)
@@ -201,7 +201,7 @@ class _FusedCellMixin(_BackendArg):
         else:
             states = list(hx) if cell.has_cell_state else [hx]
             if cell.has_cell_state and len(states) != 2:
-                raise ValueError(f"{name}: hx must be a tuple (h_0, c_0)")
+                raise RuntimeError(f"{name}: hx must be a tuple (h_0, c_0)")
             for idx, s in enumerate(states):
                 if not isinstance(s, Tensor):
                     raise TypeError(f"{name}: hidden states must be Tensors, got {type(s).__name__}")
@@ -246,7 +246,9 @@ _FUSED_FOR = {nn.LSTM: LSTM, nn.GRU: GRU, nn.RNN: RNN,
 def _fused_copy(module: nn.Module, backend: str) -> nn.Module:
     """The fused twin of a torch.nn module, sharing its very Parameters (optimizers keep working)."""
     fused = _FUSED_FOR[type(module)].__new__(_FUSED_FOR[type(module)])
-    fused.__dict__.update(module.__dict__)
+    # own containers (parameter dict, hooks, flat-weight list), the same Parameter objects
+    fused.__dict__.update({k: v.copy() if isinstance(v, (dict, list)) else v
+                           for k, v in module.__dict__.items()})
     fused.backend = dispatch.check_name(backend)
     return fused
 

@@ -42,7 +42,9 @@ def _run(backend, cell, args, reverse, grads):
     y, h, c = backend.sequence(cell, **args, reverse=reverse)
     outs = [y, h] + ([c] if c is not None else [])
     leaves = [v for v in args.values() if isinstance(v, torch.Tensor) and v.requires_grad]
-    loss = sum((o * g).sum() for o, g in zip(outs, grads))
+    # through the transposes, the gradient reaching each output is a non-contiguous view, as
+    # it is when a caller transposes h_n: kernels must not assume row-major incoming gradients
+    loss = sum((o.t() * g.t().contiguous()).sum() for o, g in zip(outs, grads))
     return outs, torch.autograd.grad(loss, leaves, allow_unused=True)
 
 

@@ -238,7 +238,12 @@ def test_convert_keeps_outputs_and_parameters():
     assert_close(converted(x), expected, torch.float64)
     shared = fusedrnn.convert(model)  # in place: the very same Parameter objects
     assert [id(p) for p in shared.parameters()] == [id(p) for p in params]
-    assert isinstance(fusedrnn.convert(nn.LSTM(2, 3)), fusedrnn.LSTM)
+    original = nn.LSTM(2, 3)
+    converted = fusedrnn.convert(original)
+    assert isinstance(converted, fusedrnn.LSTM)
+    converted.register_forward_hook(lambda *args: None)  # its own module state, shared weights
+    assert not original._forward_hooks
+    assert converted.weight_hh_l0 is original.weight_hh_l0
 
 
 # --- bad input: the same error types torch.nn raises ---
@@ -276,9 +281,11 @@ def test_bad_input_raises_like_torch(cell, case, error):
 def test_bad_state_dtype_and_unknown_backend():
     with pytest.raises(ValueError, match="unknown backend"):
         fusedrnn.LSTM(3, 4, backend="nope")
-    lstm = fusedrnn.GRU(3, 4)
-    with pytest.raises(ValueError, match="dtype"):
-        lstm(torch.randn(2, 1, 3), torch.randn(1, 1, 4, dtype=torch.float64))
+    x, h = torch.randn(2, 1, 3), torch.randn(1, 1, 4, dtype=torch.float64)
+    with pytest.raises(RuntimeError):  # torch.nn: "mat1 and mat2 must have the same dtype"
+        nn.GRU(3, 4)(x, h)
+    with pytest.raises(RuntimeError, match="dtype"):
+        fusedrnn.GRU(3, 4)(x, h)
 
 
 def test_device_mismatch_is_clear():
@@ -287,7 +294,7 @@ def test_device_mismatch_is_clear():
         lstm(torch.randn(2, 1, 3))
 
 
-@pytest.mark.parametrize("case", ["feature_size", "rank", "state_shape", "dtype"])
+@pytest.mark.parametrize("case", ["feature_size", "rank", "state_shape", "dtype", "state_count"])
 def test_bad_cell_input(case):
     ref, fused = nn.LSTMCell(3, 4), fusedrnn.LSTMCell(3, 4)
     x, hx = torch.randn(2, 3), None
@@ -299,9 +306,11 @@ def test_bad_cell_input(case):
         hx = (torch.randn(3, 4), torch.randn(3, 4))
     elif case == "dtype":
         x = x.double()
-    with pytest.raises((RuntimeError, ValueError)):
+    elif case == "state_count":
+        hx = (torch.randn(2, 4),) * 3
+    with pytest.raises((RuntimeError, ValueError)) as expected:
         ref(x, hx)
-    with pytest.raises((RuntimeError, ValueError)):
+    with pytest.raises(expected.type):
         fused(x, hx)
 
 
@@ -352,3 +361,13 @@ def test_empty_batch_and_empty_sequence(cell):
     for module in (ref, fused):
         with pytest.raises(RuntimeError, match="sequence length"):
             module(torch.randn(0, 2, 5))
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "reference"])
+def test_double_backward_is_refused_not_wrong(backend):
+    """Kernel backends have no second derivative: asking for one must raise, never give zeros."""
+    _, fused = make_pair("gru", 1, False, False, True, 0, torch.float64, backend=backend)
+    x = torch.randn(4, 2, 5, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad(fused(x)[0].pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(gx.pow(2).sum(), x)

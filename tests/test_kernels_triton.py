@@ -95,8 +95,19 @@ def test_inference_skips_saving(path, rng):
     for cell, proj in (("lstm", 6 if path is triton_backend.ALTERNATING else 0), ("gru", 0)):
         args = sequence_inputs(CELLS[cell], random_batch_sizes(rng, 4, 5, True), 10, proj,
                                dtype=torch.float32)
+        calls = []
+        forward_loop = path.forward_loop
+        def recording_loop(*a):  # noqa: E306
+            calls.append(a[-1])  # the ``save`` flag
+            return forward_loop(*a)
+        path.forward_loop = recording_loop
+        try:
+            with torch.no_grad():
+                ours = path.sequence(CELLS[cell], **args, reverse=True)
+        finally:
+            del path.forward_loop
+        assert calls == [False]
         with torch.no_grad():
-            ours = path.sequence(CELLS[cell], **args, reverse=True)
             ref = reference.sequence(CELLS[cell], **args, reverse=True)
         for a, b in zip(ours, ref):
             if b is not None:
@@ -178,7 +189,7 @@ def test_kernels_compile_for_sm80_and_sm90():
     """Each kernel compiles with Triton's real compiler for sm_80 and sm_90 at the largest
     persistent tiles the on-chip budget admits (and the per-step kernels), within the
     per-block shared-memory limit, without local memory, and without spill stack except
-    where README.triton.md documents it. Runs in a subprocess without TRITON_INTERPRET
+    where fusedrnn/kernels/README.md documents it. Runs in a subprocess without TRITON_INTERPRET
     (a compiler crash would abort the process)."""
     from fusedrnn.kernels.compile_report import DEFAULT_CONFIGS, SHARED_LIMIT
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

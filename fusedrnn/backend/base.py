@@ -18,7 +18,8 @@ from ..cells import Cell
 
 
 class Backend:
-    """One way to run ``sequence``. Subclasses override the three methods below."""
+    """One way to run a layer. Subclasses implement ``sequence``; the availability checks and
+    ``layer`` have defaults they override where needed."""
 
     name: str = ""
 

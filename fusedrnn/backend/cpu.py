@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .base import Backend
 
@@ -41,11 +42,10 @@ class _Layer(torch.autograd.Function):
         return y, h_n, (c_n if c0 is not None else None)
 
     @staticmethod
+    @once_differentiable  # the C++ ops have no derivative of their own: refuse double backward
     def backward(ctx, grad_y, grad_hn, grad_cn):
         x, batch_sizes, w_ih, w_hh, w_hr, *saved = ctx.saved_tensors
         has_c = ctx.has_c
-        if has_c and grad_cn is None:
-            grad_cn = grad_hn.new_zeros(grad_hn.shape[0], saved[2].shape[1])
         dxp, dh0, dc0, dw_hh, db_hh, dw_hr, db_ih = torch.ops.fusedrnn.sequence_backward(
             ctx.cell_name, batch_sizes, w_hh, w_hr, ctx.reverse, saved, grad_y.contiguous(),
             grad_hn.contiguous(), grad_cn.contiguous() if has_c else None)

@@ -13,6 +13,7 @@ import os
 from typing import List, Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .base import Backend
 
@@ -78,12 +79,11 @@ class _Sequence(torch.autograd.Function):
     """Shared autograd wrapper; ``path`` runs the forward and backward loops."""
 
     @staticmethod
-    def forward(ctx, path, cell, batch_sizes, reverse, xp, h0, c0, w_hh, b_hh, w_hr):
+    def forward(ctx, path, cell, batch_sizes, reverse, save, xp, h0, c0, w_hh, b_hh, w_hr):
         sizes, offsets = _steps(batch_sizes)
         xp, h0, w_hh = xp.contiguous(), h0.contiguous(), w_hh.contiguous()
         c0 = c0.contiguous() if c0 is not None else None
         w_hr = w_hr.contiguous() if w_hr is not None else None
-        save = any(ctx.needs_input_grad)  # inference skips writing what backward reads
         y, h_n, c_n, saved = path.forward_loop(cell, sizes, offsets, reverse, xp, h0, c0,
                                                w_hh, b_hh, w_hr, save)
         ctx.path, ctx.cell, ctx.reverse, ctx.steps = path, cell, reverse, (sizes, offsets)
@@ -94,20 +94,22 @@ class _Sequence(torch.autograd.Function):
         return y, h_n, c_n
 
     @staticmethod
+    @once_differentiable  # the kernels have no derivative of their own: refuse double backward
     def backward(ctx, dy, dh_n, dc_n=None):
         xp, h0, c0, w_hh, w_hr, y, *saved = ctx.saved_tensors
         sizes, offsets = ctx.steps
+        # the kernels index row-major: incoming gradients may be any strided view
         dy = torch.zeros_like(y) if dy is None else dy.contiguous()
-        dh_n = torch.zeros_like(h0) if dh_n is None else dh_n
-        if c0 is not None and dc_n is None:
-            dc_n = torch.zeros_like(c0)
+        dh_n = torch.zeros_like(h0) if dh_n is None else dh_n.contiguous()
+        if c0 is not None:
+            dc_n = torch.zeros_like(c0) if dc_n is None else dc_n.contiguous()
         dxp, dhg, dh0, dc0, d_w_hr = ctx.path.backward_loop(
             ctx.cell, sizes, offsets, ctx.reverse, xp, h0, c0, w_hh, w_hr, y, saved, dy,
             dh_n, dc_n)
         h_prev = torch.cat([h0, y])[_h_prev_rows(sizes, offsets, ctx.reverse, y.device)]
         d_w_hh = dhg.t().mm(h_prev)
         d_b_hh = dhg.sum(0) if ctx.has_bias else None
-        return None, None, None, None, dxp, dh0, dc0, d_w_hh, d_b_hh, d_w_hr
+        return None, None, None, None, None, dxp, dh0, dc0, d_w_hh, d_b_hh, d_w_hr
 
 
 class _TritonBackend(Backend):
@@ -128,7 +130,10 @@ class _TritonBackend(Backend):
         return None
 
     def sequence(self, cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse):
-        outs = _Sequence.apply(self, cell, batch_sizes, reverse, xp, h0, c0, w_hh, b_hh, w_hr)
+        tensors = (xp, h0, c0, w_hh, b_hh, w_hr)
+        # inference (no_grad, or nothing requiring grad) skips writing what backward reads
+        save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+        outs = _Sequence.apply(self, cell, batch_sizes, reverse, save, *tensors)
         return outs if cell.has_cell_state else (*outs, None)
 
 
@@ -227,7 +232,7 @@ class PersistentBackend(_TritonBackend):
         On-chip size limit: a program holds W_hh for the whole sequence as G gate tiles of
         ``HP x HP`` (HP = hidden size rounded up to a power of two, at least 16), i.e.
         ``G * HP^2 * itemsize`` bytes, which must not exceed PERSISTENT_W_BUDGET (96 KiB).
-        Derivation, from ``triton.compile`` for sm_80 and sm_90 (README.triton.md has the
+        Derivation, from ``triton.compile`` for sm_80 and sm_90 (fusedrnn/kernels/README.md has the
         table; tests/test_kernels_triton.py re-checks the largest admitted configs):
         Triton keeps the loop-invariant W operand of ``tl.dot`` in shared memory, and a
         kernel's shared use is W plus up to ~50 KB of layout-conversion scratch (backward;
@@ -302,7 +307,7 @@ class PersistentBackend(_TritonBackend):
         self._launch(
             persistent.sequence_bwd_kernel, sizes[0], hidden,
             xp, hg_all, y, h0, c_all, c0 if lstm else h0, dev_sizes, dev_offsets, len(sizes),
-            w_hh, dy, dh_n.contiguous(), dc_n.contiguous() if lstm else h0, dxp, dhg, dh0,
+            w_hh, dy, dh_n, dc_n if lstm else h0, dxp, dhg, dh0,
             dc0 if lstm else dh0, hidden,
             CELL=cells.CELL_IDS[cell.name], G=cell.gates, REVERSE=reverse)
         return dxp, dhg, dh0, dc0, None
