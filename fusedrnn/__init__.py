@@ -1,8 +1,11 @@
 """fusedrnn: torch.nn's LSTM, GRU and RNN on fused kernels.
 
-Find a kernel in two hops: the modules (``modules.py``) call ``functional.rnn_layer``,
-which asks ``dispatch.select`` for a backend; ``dispatch._REGISTRY`` names each backend's
-module under ``fusedrnn/backend/``, and that module names its kernels.
+Where things are (``dispatch._REGISTRY`` is the one list of backends):
+
+- modules.py -> functional.rnn_layer -> dispatch.select -> a backend's ``layer``/``sequence``
+- backend/reference.py: the oracle, a torch time loop over cells.py (the cell registry)
+- backend/cpu.py -> csrc/cpu/sequence.cpp (loops), csrc/cells/*.h (cell math, C++/CUDA)
+- backend/triton.py -> kernels/pointwise.py, kernels/persistent.py (kernels/cells.py: cell math)
 """
 from .dispatch import BackendUnavailableError, backends
 from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, convert
