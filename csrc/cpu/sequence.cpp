@@ -9,6 +9,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
+#include <utility>
 
 #include "cells/gru.h"
 #include "cells/lstm.h"
@@ -17,6 +19,12 @@
 // torch's MKL (when it has one): a thread-local thread count, to keep tiny per-step GEMMs off
 // the thread pool. Weak, so that a torch built without MKL still loads the extension.
 extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+// torch's MKL packed-weight GEMM (LP64 ints, CBLAS enums as ints), weak for the same reason.
+extern "C" size_t cblas_sgemm_pack_get_size(int, int, int, int) __attribute__((weak));
+extern "C" void cblas_sgemm_pack(int, int, int, int, int, int, float, const float*, int, float*)
+    __attribute__((weak));
+extern "C" void cblas_sgemm_compute(int, int, int, int, int, int, const float*, int, const float*,
+                                    int, float, float*, int) __attribute__((weak));
 
 namespace fusedrnn {
 namespace cpu {
@@ -162,6 +170,63 @@ Tensor mm_tn_rows(const Tensor& a, const Tensor& b) {
   });
   return partial.sum(0);
 }
+// A per-step GEMM's weight packed once per layer call in MKL's internal GEMM layout, so that
+// `out = a op(W)` does not re-pack W on every step (MKL's sgemm does, ~5 % of LSTM inference).
+// Only float32 with MKL, and only when every step GEMM has at least kPackMinRows rows and there
+// are kPackMinSteps steps: for a handful of rows MKL's unpacked path (gemv-like) is faster and
+// for a few steps the pack does not amortize.
+constexpr int64_t kPackMinRows = 8, kPackMinSteps = 4;
+
+struct PackedWeight {
+  Tensor buffer;  // empty: not packed, use ATen
+  int n = 0, k = 0;
+
+  // op(W) = W^T when `transpose`, else W (contiguous).
+  template <typename T>
+  static PackedWeight make(const Tensor& w, bool transpose, int64_t max_rows, int64_t min_rows,
+                           int64_t steps) {
+    PackedWeight p;
+    if (!std::is_same<T, float>::value || cblas_sgemm_pack == nullptr ||
+        cblas_sgemm_compute == nullptr || cblas_sgemm_pack_get_size == nullptr ||
+        min_rows < kPackMinRows || steps < kPackMinSteps || !w.is_contiguous())
+      return p;
+    constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kBMatrix = 162;
+    p.n = static_cast<int>(w.size(transpose ? 0 : 1));
+    p.k = static_cast<int>(w.size(transpose ? 1 : 0));
+    const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, max_rows, p.n, p.k);
+    p.buffer = at::empty({static_cast<int64_t>((bytes + sizeof(float) - 1) / sizeof(float))},
+                         w.options().dtype(at::kFloat));
+    cblas_sgemm_pack(kRowMajor, kBMatrix, transpose ? kTrans : kNoTrans, max_rows, p.n, p.k, 1.0f,
+                     w.data_ptr<float>(), static_cast<int>(w.size(1)), p.buffer.data_ptr<float>());
+    return p;
+  }
+
+  // out[m, n] = a[m, k] op(W) (+ out when `accumulate`); out and a have contiguous rows.
+  // `op_w` is op(W) as a tensor, for the unpacked route.
+  void mm_out(Tensor& out, const Tensor& a, const Tensor& op_w, bool accumulate = false) const {
+    if (!buffer.defined()) {
+      if (accumulate)
+        out.addmm_(a, op_w);
+      else
+        at::mm_out(out, a, op_w);
+      return;
+    }
+    constexpr int kRowMajor = 101, kNoTrans = 111, kPacked = 151;
+    cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, static_cast<int>(a.size(0)), n, k,
+                        a.data_ptr<float>(), k, buffer.data_ptr<float>(), k,
+                        accumulate ? 1.0f : 0.0f, out.data_ptr<float>(), n);
+  }
+};
+
+// The largest and smallest block (rows of a step GEMM at the batch's widest step).
+std::pair<int64_t, int64_t> block_rows(const std::vector<Block>& blocks) {
+  int64_t max_rows = 0, min_rows = blocks[0].end - blocks[0].begin;
+  for (const Block& blk : blocks) {
+    max_rows = std::max(max_rows, blk.end - blk.begin);
+    min_rows = std::min(min_rows, blk.end - blk.begin);
+  }
+  return {max_rows, min_rows};
+}
 
 template <typename Cell, typename T>
 struct Kernel {
@@ -223,7 +288,12 @@ struct Kernel {
     Tensor proj_in = at::empty({proj ? (train ? rows : B) : 0, H}, opts);
     const Tensor w_hh_t = w_hh.t(), w_hr_t = proj ? w_hr.t() : Tensor();
     const int64_t step_flops = 2 * B * Hout * G * H;
-    for_each_block(row_blocks(steps), step_flops, [&](const Block& blk) {
+    const std::vector<Block> blocks = row_blocks(steps);
+    const auto rows_range = block_rows(blocks);
+    const PackedWeight w_hh_packed = PackedWeight::make<T>(w_hh, /*transpose=*/true,
+                                                           rows_range.first, rows_range.second,
+                                                           steps.count());
+    for_each_block(blocks, step_flops, [&](const Block& blk) {
       c10::NoGradGuard no_grad;  // worker threads start with grad mode on
       const int64_t r0 = blk.begin;
       for (int64_t k = 0; k < steps.count(); ++k) {
@@ -231,7 +301,7 @@ struct Kernel {
         if (n <= r0) continue;
         const int64_t nb = std::min(n, blk.end) - r0, row = steps.offset[t] + r0;
         Tensor h_blk = h_state.narrow(0, r0, nb), hg_blk = hg.narrow(0, r0, nb);
-        at::mm_out(hg_blk, h_blk, w_hh_t);
+        w_hh_packed.mm_out(hg_blk, h_blk, w_hh_t);
         if (train) {
           std::memcpy(ptr<T>(h_prev) + row * Hout, ptr<T>(h_blk), nb * Hout * sizeof(T));
           if (Cell::kCellState)
@@ -325,6 +395,10 @@ struct Kernel {
     const int64_t nblocks = static_cast<int64_t>(blocks.size());
     Tensor dbx_part = at::zeros({nblocks, G * H}, opts);
     Tensor dbh_part = Cell::kSplitHiddenGrad ? at::zeros_like(dbx_part) : dbx_part;
+    const auto rows_range = block_rows(blocks);
+    const PackedWeight w_hh_packed = PackedWeight::make<T>(w_hh, /*transpose=*/false,
+                                                           rows_range.first, rows_range.second,
+                                                           steps.count());
     for_each_block(blocks, 2 * B * Hout * G * H, [&](const Block& blk) {
       c10::NoGradGuard no_grad;
       const int64_t r0 = blk.begin;
@@ -352,10 +426,8 @@ struct Kernel {
                                     dhg_blk, dbx, dbh);
         }
         Tensor dhg_step = dhg.narrow(0, row, nb);
-        if (Cell::kSplitHiddenGrad)
-          dh_blk.addmm_(dhg_step, w_hh);  // the cell already wrote its direct term
-        else
-          at::mm_out(dh_blk, dhg_step, w_hh);
+        // GRU: the cell already wrote its direct term into dh.
+        w_hh_packed.mm_out(dh_blk, dhg_step, w_hh, /*accumulate=*/Cell::kSplitHiddenGrad);
       }
     });
     // Weight gradients: a few large GEMMs over all rows instead of one per step.
