@@ -17,6 +17,15 @@ from torch import Tensor
 from ..cells import Cell
 
 
+def step_rows(batch_sizes: Tensor):
+    """``(sizes, offsets)``: each step's active-row count and its first row in the packed rows."""
+    sizes = [int(n) for n in batch_sizes.tolist()]
+    offsets = [0]
+    for n in sizes[:-1]:
+        offsets.append(offsets[-1] + n)
+    return sizes, offsets
+
+
 class Backend:
     """One way to run a layer. Subclasses implement ``sequence``; the availability checks and
     ``layer`` have defaults they override where needed."""

@@ -4,21 +4,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Backend
+from .base import Backend, step_rows
 
 
 def run_sequence(cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse):
-    sizes = batch_sizes.tolist()
-    offsets = [0]
-    for size in sizes:
-        offsets.append(offsets[-1] + size)
+    sizes, offsets = step_rows(batch_sizes)
     h, c = h0, c0
     ys = [None] * len(sizes)
     for t in (reversed(range(len(sizes))) if reverse else range(len(sizes))):
         n = sizes[t]
         h_prev = h[:n]
         c_prev = c[:n] if c is not None else None
-        h_new, c_new = cell.step(xp[offsets[t]:offsets[t + 1]], F.linear(h_prev, w_hh, b_hh),
+        h_new, c_new = cell.step(xp[offsets[t]:offsets[t] + n], F.linear(h_prev, w_hh, b_hh),
                                  h_prev, c_prev)
         if w_hr is not None:
             h_new = F.linear(h_new, w_hr)

@@ -15,7 +15,7 @@ from typing import List, Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-from .base import Backend
+from .base import Backend, step_rows
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -38,7 +38,7 @@ def _padded(hidden: int) -> int:
     return max(16, _next_pow2(hidden))
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
@@ -46,14 +46,6 @@ def _kernels():
     """Import the kernel modules (and Triton) on first use."""
     from ..kernels import cells, persistent, pointwise
     return cells, pointwise, persistent
-
-
-def _steps(batch_sizes: torch.Tensor):
-    sizes = [int(n) for n in batch_sizes.tolist()]
-    offsets = [0]
-    for n in sizes[:-1]:
-        offsets.append(offsets[-1] + n)
-    return sizes, offsets
 
 
 def _prev_step(t: int, steps: int, reverse: bool) -> Optional[int]:
@@ -80,7 +72,7 @@ class _Sequence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, path, cell, batch_sizes, reverse, save, xp, h0, c0, w_hh, b_hh, w_hr):
-        sizes, offsets = _steps(batch_sizes)
+        sizes, offsets = step_rows(batch_sizes)
         xp, h0, w_hh = xp.contiguous(), h0.contiguous(), w_hh.contiguous()
         c0 = c0.contiguous() if c0 is not None else None
         w_hr = w_hr.contiguous() if w_hr is not None else None
@@ -145,7 +137,7 @@ class AlternatingBackend(_TritonBackend):
 
     def _grid(self, n, hidden):
         bh = min(64, _next_pow2(hidden))
-        return (triton_cdiv(n, self.BR), triton_cdiv(hidden, bh)), bh
+        return (_cdiv(n, self.BR), _cdiv(hidden, bh)), bh
 
     def forward_loop(self, cell, sizes, offsets, reverse, xp, h0, c0, w_hh, b_hh, w_hr, save):
         cells, pointwise, _ = _kernels()
@@ -271,7 +263,7 @@ class PersistentBackend(_TritonBackend):
         tuned = _tuned(kernel)
         if tuned is kernel:
             constexprs.update(BB=16, num_warps=4)
-        tuned[lambda meta: (triton_cdiv(batch, meta["BB"]),)](xp, *args, **constexprs)
+        tuned[lambda meta: (_cdiv(batch, meta["BB"]),)](xp, *args, **constexprs)
 
     def forward_loop(self, cell, sizes, offsets, reverse, xp, h0, c0, w_hh, b_hh, w_hr, save):
         cells, _, persistent = _kernels()
