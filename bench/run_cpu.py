@@ -11,7 +11,6 @@ import platform
 import subprocess
 import sys
 import time
-from collections import defaultdict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 JSON = os.path.join(HERE, "cpu.json")

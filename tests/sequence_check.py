@@ -82,3 +82,17 @@ def check_sequence(backend, cell_name, batch_sizes, hidden, proj=0, bias=True, r
     for name, a, b in zip(names, grads if check_grads else [], ref_grads):
         assert a is not None, f"{cell_name}: no gradient for {name}"
         check(a.to("cpu", ref_dtype), b, f"{cell_name} grad {name}")
+
+
+def gradcheck_sequence(backend, rng: random.Random, cell_name, reverse):
+    """torch.autograd.gradcheck of ``backend.sequence`` in float64 on a small packed batch."""
+    cell = CELLS[cell_name]
+    batch_sizes = random_batch_sizes(rng, 4, 3, packed=True)
+    args = sequence_inputs(cell, batch_sizes, hidden=3, proj=2 if cell_name == "lstm" else 0)
+    names = [k for k, v in args.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+
+    def fn(*tensors):
+        kw = dict(args, **dict(zip(names, tensors)))
+        return tuple(t for t in backend.sequence(cell, **kw, reverse=reverse) if t is not None)
+
+    return torch.autograd.gradcheck(fn, [args[n] for n in names])

@@ -9,7 +9,7 @@ from fusedrnn import dispatch
 from fusedrnn.backend.cpu import BACKEND
 from fusedrnn.cells import CELLS
 from conftest import assert_close
-from sequence_check import check_sequence, random_batch_sizes, sequence_inputs
+from sequence_check import check_sequence, gradcheck_sequence, random_batch_sizes, sequence_inputs
 
 pytestmark = pytest.mark.skipif(BACKEND.unavailable_reason() is not None,
                                 reason=f"cpu backend: {BACKEND.unavailable_reason()}")
@@ -85,18 +85,7 @@ def test_float32_wide_layer_matches_float64_reference(rng):
 
 @pytest.mark.parametrize("cell_name", list(CELLS))
 def test_gradcheck(rng, cell_name):
-    cell = CELLS[cell_name]
-    batch_sizes = random_batch_sizes(rng, 4, 3, packed=True)
-    proj = 2 if cell_name == "lstm" else 0
-    args = sequence_inputs(cell, batch_sizes, hidden=3, proj=proj)
-    names = [k for k, v in args.items() if isinstance(v, torch.Tensor) and v.requires_grad]
-    reverse = rng.random() < 0.5
-
-    def fn(*tensors):
-        kw = dict(args, **dict(zip(names, tensors)))
-        return tuple(t for t in BACKEND.sequence(cell, **kw, reverse=reverse) if t is not None)
-
-    assert torch.autograd.gradcheck(fn, [args[n] for n in names])
+    assert gradcheck_sequence(BACKEND, rng, cell_name, reverse=rng.random() < 0.5)
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "LSTM-proj", "GRU", "GRU-nobias", "RNN-relu"])

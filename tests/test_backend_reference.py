@@ -4,23 +4,13 @@ import torch
 
 from fusedrnn.backend.reference import BACKEND
 from fusedrnn.cells import CELLS
-from sequence_check import random_batch_sizes, sequence_inputs
+from sequence_check import gradcheck_sequence, random_batch_sizes, sequence_inputs
 
 
 @pytest.mark.parametrize("cell_name", list(CELLS))
 @pytest.mark.parametrize("reverse", [False, True])
 def test_gradcheck(rng, cell_name, reverse):
-    cell = CELLS[cell_name]
-    batch_sizes = random_batch_sizes(rng, 4, 3, packed=True)
-    proj = 2 if cell_name == "lstm" else 0
-    args = sequence_inputs(cell, batch_sizes, hidden=3, proj=proj)
-    names = [k for k, v in args.items() if isinstance(v, torch.Tensor) and v.requires_grad]
-
-    def fn(*tensors):
-        kw = dict(args, **dict(zip(names, tensors)))
-        return tuple(t for t in BACKEND.sequence(cell, **kw, reverse=reverse) if t is not None)
-
-    assert torch.autograd.gradcheck(fn, [args[n] for n in names])
+    assert gradcheck_sequence(BACKEND, rng, cell_name, reverse)
 
 
 @pytest.mark.parametrize("cell_name", list(CELLS))
