@@ -164,6 +164,19 @@ def test_cached_buffers_reused_without_aliasing(rng):
     assert torch.ops.fusedrnn.cached_buffer_bytes() == [0, 0]
 
 
+def test_torch_compile_runs_the_cpu_ops(rng):
+    """torch.compile users are not broken: the custom ops run inside a compiled module (as a
+    graph break around the autograd.Function) and give the eager values and gradients."""
+    model = fusedrnn.LSTM(8, 16, 2, backend="cpu").double()
+    x = torch.randn(5, 3, 8, dtype=torch.float64, requires_grad=True)
+    results = []
+    for m in (model, torch.compile(model, backend="eager")):
+        y, (h, c) = m(x)
+        results.append([y, h, c, *torch.autograd.grad(y.sum() + c.sum(), [x, *m.parameters()])])
+    for i, (a, b) in enumerate(zip(*results)):
+        assert_close(a, b, torch.float64, f"tensor {i}")
+
+
 def test_auto_picks_cpu_and_falls_back():
     cell = CELLS["lstm"]
     assert dispatch.select("auto", torch.device("cpu"), torch.float32, cell, 8).name == "cpu"
