@@ -62,7 +62,9 @@ def render(data, wall, command, wait_policy, load_before):
              "Ratio = torch.nn time / implementation time (>1: faster than torch.nn). "
              "Packed columns: packed input with lengths spread over 50-100 % of T, against the padded "
              "torch.nn time. GFLOP/s: GEMM flops of the layers (fwd+bwd counted 3x) over the "
-             "fusedrnn cpu time (padded).", ""]
+             "fusedrnn cpu time (padded). Ceiling x: the ratio a kernel would reach if all its "
+             "GEMMs ran at the measured peak and nothing else took any time (torch.nn time over "
+             "flops / peak); a target above it cannot be met with this BLAS.", ""]
     shapes = []
     for (kind, shape, mode, impl) in best:
         if (kind, shape) not in shapes:
@@ -70,8 +72,8 @@ def render(data, wall, command, wait_policy, load_before):
     for mode in ("fwd", "fwdbwd"):
         lines += [f"## {'forward only (no_grad)' if mode == 'fwd' else 'forward + backward'}", "",
                   "| cell | shape | torch.nn ms | cpu ms | cpu x | Cell-loop x | reference x "
-                  "| cpu packed x | nn packed x | cpu GFLOP/s |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| cpu packed x | nn packed x | cpu GFLOP/s | ceiling x |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for kind, shape in shapes:
             get = lambda impl: best.get((kind, shape, mode, impl))  # noqa: E731
             nn_t = get("nn")
@@ -84,6 +86,7 @@ def render(data, wall, command, wait_policy, load_before):
                 r = get(impl)
                 cells.append(f"{nn_t[0] / r[0]:.2f}" if r else "-")
             cells.append(f"{cpu[1] / cpu[0] / 1e9:.0f}" if cpu else "-")
+            cells.append(f"{nn_t[0] / (cpu[1] / (peak * 1e9)):.2f}" if cpu and peak else "-")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     text = "\n".join(lines)

@@ -133,6 +133,50 @@ def test_inference_saves_nothing():
     torch.testing.assert_close(out[0], y)
 
 
+def test_cached_buffers_reused_without_aliasing(rng):
+    """Buffers of 128 KiB and more come from the extension's cache (csrc/cpu/buffer_cache.h):
+    two live training graphs must not share memory, and a finished step's blocks are reused."""
+    torch.ops.fusedrnn.release_cached_buffers()
+    T, B, I, H = 64, 32, 32, 64  # LSTM activations: 64*32 rows x 5*64 floats = 2.6 MB
+    model = fusedrnn.LSTM(I, H, backend="cpu").double()
+    ref = nn.LSTM(I, H).double()
+    ref.load_state_dict(model.state_dict())
+
+    def grads(m, x, gy):
+        y, _ = m(x)
+        return [y, *torch.autograd.grad(y, [x, *m.parameters()], gy)]
+
+    xs = [torch.randn(T, B, I, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    ys = [model(x)[0] for x in xs]  # both graphs alive at once
+    in_use, _ = torch.ops.fusedrnn.cached_buffer_bytes()
+    assert in_use >= 2 * T * B * 5 * H * 8
+    gys = [torch.randn_like(y) for y in ys]
+    for x, y, gy in zip(xs, ys, gys):
+        got = [y, *torch.autograd.grad(y, [x, *model.parameters()], gy)]
+        for i, (a, b) in enumerate(zip(got, grads(ref, x, gy))):
+            assert_close(a, b, torch.float64, f"tensor {i}")
+    del ys, got, y
+    in_use, idle = torch.ops.fusedrnn.cached_buffer_bytes()
+    assert in_use == 0 and idle > 0
+    grads(model, xs[0], gys[0])  # a second step of the same shape allocates no new block
+    assert sum(torch.ops.fusedrnn.cached_buffer_bytes()) == idle
+    assert torch.ops.fusedrnn.release_cached_buffers() == idle
+    assert torch.ops.fusedrnn.cached_buffer_bytes() == [0, 0]
+
+
+def test_torch_compile_runs_the_cpu_ops(rng):
+    """torch.compile users are not broken: the custom ops run inside a compiled module (as a
+    graph break around the autograd.Function) and give the eager values and gradients."""
+    model = fusedrnn.LSTM(8, 16, 2, backend="cpu").double()
+    x = torch.randn(5, 3, 8, dtype=torch.float64, requires_grad=True)
+    results = []
+    for m in (model, torch.compile(model, backend="eager")):
+        y, (h, c) = m(x)
+        results.append([y, h, c, *torch.autograd.grad(y.sum() + c.sum(), [x, *m.parameters()])])
+    for i, (a, b) in enumerate(zip(*results)):
+        assert_close(a, b, torch.float64, f"tensor {i}")
+
+
 def test_auto_picks_cpu_and_falls_back():
     cell = CELLS["lstm"]
     assert dispatch.select("auto", torch.device("cpu"), torch.float32, cell, 8).name == "cpu"

@@ -2,6 +2,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/buffer_cache.h"
 #include "cpu/sequence.h"
 
 TORCH_LIBRARY(fusedrnn, m) {
@@ -13,6 +14,8 @@ TORCH_LIBRARY(fusedrnn, m) {
         "-> Tensor[]");
   m.def("mm_rows(Tensor a, Tensor b) -> Tensor");
   m.def("mm_tn(Tensor a, Tensor b) -> Tensor");
+  m.def("release_cached_buffers() -> int", &fusedrnn::cpu::release_cached_buffers);
+  m.def("cached_buffer_bytes() -> int[]", &fusedrnn::cpu::cached_buffer_bytes);
 }
 
 TORCH_LIBRARY_IMPL(fusedrnn, CPU, m) {

@@ -4,6 +4,8 @@
 // touched, so packed input runs natively.
 #include "cpu/sequence.h"
 
+#include "cpu/buffer_cache.h"
+
 #include <ATen/Parallel.h>
 #include <c10/core/GradMode.h>
 
@@ -194,7 +196,7 @@ struct PackedWeight {
     p.n = static_cast<int>(w.size(transpose ? 0 : 1));
     p.k = static_cast<int>(w.size(transpose ? 1 : 0));
     const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, max_rows, p.n, p.k);
-    p.buffer = at::empty({static_cast<int64_t>((bytes + sizeof(float) - 1) / sizeof(float))},
+    p.buffer = cached_empty({static_cast<int64_t>((bytes + sizeof(float) - 1) / sizeof(float))},
                          w.options().dtype(at::kFloat));
     cblas_sgemm_pack(kRowMajor, kBMatrix, transpose ? kTrans : kNoTrans, max_rows, p.n, p.k, 1.0f,
                      w.data_ptr<float>(), static_cast<int>(w.size(1)), p.buffer.data_ptr<float>());
@@ -277,15 +279,15 @@ struct Kernel {
     const int64_t Hout = h0.size(1);
     const bool proj = w_hr.defined();
     auto opts = xp.options();
-    Tensor y = at::empty({rows, Hout}, opts);
-    Tensor h_state = h0.clone();
-    Tensor c_state = Cell::kCellState ? c0.clone() : at::empty({0}, opts);
-    Tensor hg = at::empty({B, G * H}, opts);
+    Tensor y = cached_empty({rows, Hout}, opts);
+    Tensor h_state = cached_empty(h0.sizes(), opts).copy_(h0);
+    Tensor c_state = Cell::kCellState ? cached_empty(c0.sizes(), opts).copy_(c0) : at::empty({0}, opts);
+    Tensor hg = cached_empty({B, G * H}, opts);
     // Saved for backward (train only).
-    Tensor act = at::empty({train ? rows : 0, S * H}, opts);
-    Tensor h_prev = at::empty({train ? rows : 0, Hout}, opts);
-    Tensor c_prev = at::empty({train && Cell::kCellState ? rows : 0, H}, opts);
-    Tensor proj_in = at::empty({proj ? (train ? rows : B) : 0, H}, opts);
+    Tensor act = cached_empty({train ? rows : 0, S * H}, opts);
+    Tensor h_prev = cached_empty({train ? rows : 0, Hout}, opts);
+    Tensor c_prev = cached_empty({train && Cell::kCellState ? rows : 0, H}, opts);
+    Tensor proj_in = cached_empty({proj ? (train ? rows : B) : 0, H}, opts);
     const Tensor w_hh_t = w_hh.t(), w_hr_t = proj ? w_hr.t() : Tensor();
     const int64_t step_flops = 2 * B * Hout * G * H;
     const std::vector<Block> blocks = row_blocks(steps);
@@ -384,12 +386,13 @@ struct Kernel {
     const int64_t Hout = grad_hn.size(1);
     const bool proj = w_hr.defined();
     auto opts = act.options();
-    Tensor dh_state = grad_hn.clone();
-    Tensor dc_state = Cell::kCellState ? grad_cn.clone() : at::empty({0}, opts);
-    Tensor dxg = at::empty({rows, G * H}, opts);
-    Tensor dhg = Cell::kSplitHiddenGrad ? at::empty({rows, G * H}, opts) : dxg;
-    Tensor dh_total = at::empty({proj ? rows : 0, Hout}, opts);  // dh per step, for dW_hr
-    Tensor dproj_in = at::empty({proj ? B : 0, H}, opts);
+    Tensor dh_state = cached_empty(grad_hn.sizes(), opts).copy_(grad_hn);
+    Tensor dc_state =
+        Cell::kCellState ? cached_empty(grad_cn.sizes(), opts).copy_(grad_cn) : at::empty({0}, opts);
+    Tensor dxg = cached_empty({rows, G * H}, opts);
+    Tensor dhg = Cell::kSplitHiddenGrad ? cached_empty({rows, G * H}, opts) : dxg;
+    Tensor dh_total = cached_empty({proj ? rows : 0, Hout}, opts);  // dh per step, for dW_hr
+    Tensor dproj_in = cached_empty({proj ? B : 0, H}, opts);
     const std::vector<Block> blocks = row_blocks(steps);
     // Per-block partial bias gradients, summed after the loop.
     const int64_t nblocks = static_cast<int64_t>(blocks.size());
@@ -460,7 +463,7 @@ void check_dense(const Tensor& t, const Tensor& like, const char* what) {
 Tensor mm_rows(const Tensor& a, const Tensor& b) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0),
               "fusedrnn mm_rows: shapes ", a.sizes(), " and ", b.sizes(), " cannot be multiplied");
-  Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+  Tensor out = cached_empty({a.size(0), b.size(1)}, a.options());
   mm_rows_out(out, a.detach(), b.detach());
   return out;
 }

@@ -73,6 +73,16 @@ def _run(cell_name, *args):
     return y, h_n, (c_n if args[3] is not None else None)
 
 
+def release_cached_buffers() -> int:
+    """Hands the idle blocks of the extension's buffer cache back to the system, as
+    ``torch.cuda.empty_cache`` does on a GPU; returns the bytes released. Layer calls keep their
+    large buffers (outputs, saved activations, gradients) cached so that the next call does not
+    page-fault them in again; ``FUSEDRNN_CPU_CACHE_MB`` caps the idle bytes kept (default 2048)."""
+    if _IMPORT_ERROR is not None:
+        return 0
+    return int(torch.ops.fusedrnn.release_cached_buffers())
+
+
 class CpuBackend(Backend):
     name = "cpu"
 
