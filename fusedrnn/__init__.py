@@ -4,7 +4,8 @@ Where things are (``dispatch._REGISTRY`` is the one list of backends):
 
 - modules.py -> functional.rnn_layer -> dispatch.select -> a backend's ``layer``/``sequence``
 - backend/reference.py: the oracle, a torch time loop over cells.py (the cell registry)
-- backend/cpu.py -> csrc/cpu/sequence.cpp (loops), csrc/cells/*.h (cell math, C++/CUDA)
+- backend/cpu.py -> csrc/cpu/sequence.cpp (loops), csrc/cells/*.h (cell math, C++/CUDA),
+  csrc/cpu/buffer_cache.h (where the loops' large buffers come from)
 - backend/triton.py -> kernels/pointwise.py, kernels/persistent.py (kernels/cells.py: cell math)
 """
 from .dispatch import BackendUnavailableError, backends
