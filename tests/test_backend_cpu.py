@@ -1,4 +1,6 @@
 """The fused C++ ``cpu`` backend against the reference backend and torch.nn, fresh inputs each run."""
+import io
+
 import pytest
 import torch
 import torch.nn as nn
@@ -162,6 +164,14 @@ def test_cached_buffers_reused_without_aliasing(rng):
     assert sum(torch.ops.fusedrnn.cached_buffer_bytes()) == idle
     assert torch.ops.fusedrnn.release_cached_buffers() == idle
     assert torch.ops.fusedrnn.cached_buffer_bytes() == [0, 0]
+    # Outputs from the cache are ordinary tensors to their users.
+    y = model(xs[0])[0].detach()
+    assert sum(torch.ops.fusedrnn.cached_buffer_bytes()) > 0
+    saved = io.BytesIO()
+    torch.save(y, saved)
+    torch.testing.assert_close(torch.load(io.BytesIO(saved.getvalue())), y)
+    y.resize_(2 * y.numel())
+    y.resize_(16)
 
 
 def test_torch_compile_runs_the_cpu_ops(rng):
