@@ -25,12 +25,17 @@ size_t block_bytes(size_t bytes) {
   return (bytes + granule - 1) / granule * granule;
 }
 
-// Idle blocks are kept up to this many bytes (FUSEDRNN_CPU_CACHE_MB overrides); a block freed
-// beyond it goes back to the system.
+// Idle blocks are kept up to this many bytes (FUSEDRNN_CPU_CACHE_MB, a whole number >= 0,
+// overrides the default 1024); a block freed beyond it goes back to the system.
 size_t idle_limit() {
   static const size_t limit = [] {
-    const char* env = std::getenv("FUSEDRNN_CPU_CACHE_MB");
-    return (env ? std::strtoull(env, nullptr, 10) : 2048ull) << 20;
+    long long mb = 1024;
+    if (const char* env = std::getenv("FUSEDRNN_CPU_CACHE_MB")) {
+      char* end = nullptr;
+      const long long value = std::strtoll(env, &end, 10);
+      if (end != env && *end == '\0' && value >= 0) mb = value;
+    }
+    return static_cast<size_t>(mb) << 20;
   }();
   return limit;
 }
@@ -41,9 +46,9 @@ class BufferCache {
   void* take(size_t bytes) {
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      // The smallest idle block that fits, unless it would waste more than half of itself.
+      // The smallest idle block that fits, if it is at most a quarter larger than asked.
       auto it = idle_.lower_bound(bytes);
-      if (it != idle_.end() && it->first <= 2 * bytes) {
+      if (it != idle_.end() && it->first <= bytes + bytes / 4) {
         void* p = it->second;
         idle_bytes_ -= it->first;
         in_use_bytes_ += it->first;
