@@ -64,7 +64,7 @@ def render(data, wall, command, wait_policy, load_before):
              "torch.nn time. GFLOP/s: GEMM flops of the layers (fwd+bwd counted 3x) over the "
              "fusedrnn cpu time (padded). Ceiling x: the ratio a kernel would reach if all its "
              "GEMMs ran at the measured peak and nothing else took any time (torch.nn time over "
-             "flops / peak); a target above it cannot be met with this BLAS.", ""]
+             "flops / peak); a target above it cannot be met with this BLAS at that peak.", ""]
     shapes = []
     for (kind, shape, mode, impl) in best:
         if (kind, shape) not in shapes:

@@ -1,4 +1,6 @@
 """The fused C++ ``cpu`` backend against the reference backend and torch.nn, fresh inputs each run."""
+import io
+
 import pytest
 import torch
 import torch.nn as nn
@@ -133,12 +135,17 @@ def test_inference_saves_nothing():
     torch.testing.assert_close(out[0], y)
 
 
-def test_cached_buffers_reused_without_aliasing(rng):
+@pytest.mark.parametrize("dtype,T,H", [(torch.float64, 64, 64), (torch.float32, 16, 256)],
+                         ids=["f64", "f32-packed-w_hh"])
+def test_cached_buffers_reused_without_aliasing(rng, dtype, T, H):
     """Buffers of 128 KiB and more come from the extension's cache (csrc/cpu/buffer_cache.h):
-    two live training graphs must not share memory, and a finished step's blocks are reused."""
+    two live training graphs must not share memory, a finished step's blocks are reused, and
+    the tensors users get are ordinary ones. float32 at H=256 also takes the packed W_hh (1 MiB)
+    from the cache."""
     torch.ops.fusedrnn.release_cached_buffers()
-    T, B, I, H = 64, 32, 32, 64  # LSTM activations: 64*32 rows x 5*64 floats = 2.6 MB
-    model = fusedrnn.LSTM(I, H, backend="cpu").double()
+    in_use_before = torch.ops.fusedrnn.cached_buffer_bytes()[0]
+    B, I = 32, 32  # LSTM activations: T*32 rows x 5*H values, 2.6 MB in both cases
+    model = fusedrnn.LSTM(I, H, backend="cpu").to(dtype)
     ref = nn.LSTM(I, H).double()
     ref.load_state_dict(model.state_dict())
 
@@ -146,22 +153,30 @@ def test_cached_buffers_reused_without_aliasing(rng):
         y, _ = m(x)
         return [y, *torch.autograd.grad(y, [x, *m.parameters()], gy)]
 
-    xs = [torch.randn(T, B, I, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    xs = [(0.3 * torch.randn(T, B, I, dtype=dtype)).requires_grad_() for _ in range(2)]
     ys = [model(x)[0] for x in xs]  # both graphs alive at once
-    in_use, _ = torch.ops.fusedrnn.cached_buffer_bytes()
-    assert in_use >= 2 * T * B * 5 * H * 8
+    assert torch.ops.fusedrnn.cached_buffer_bytes()[0] - in_use_before >= 2 * T * B * 5 * H * 8
     gys = [torch.randn_like(y) for y in ys]
     for x, y, gy in zip(xs, ys, gys):
         got = [y, *torch.autograd.grad(y, [x, *model.parameters()], gy)]
-        for i, (a, b) in enumerate(zip(got, grads(ref, x, gy))):
-            assert_close(a, b, torch.float64, f"tensor {i}")
+        x64 = x.detach().double().requires_grad_()
+        for i, (a, b) in enumerate(zip(got, grads(ref, x64, gy.double()))):
+            assert_close(a, b.to(dtype), dtype, f"tensor {i}")
     del ys, got, y
     in_use, idle = torch.ops.fusedrnn.cached_buffer_bytes()
-    assert in_use == 0 and idle > 0
+    assert in_use == in_use_before and idle > 0
     grads(model, xs[0], gys[0])  # a second step of the same shape allocates no new block
-    assert sum(torch.ops.fusedrnn.cached_buffer_bytes()) == idle
+    assert sum(torch.ops.fusedrnn.cached_buffer_bytes()) == in_use_before + idle
     assert torch.ops.fusedrnn.release_cached_buffers() == idle
-    assert torch.ops.fusedrnn.cached_buffer_bytes() == [0, 0]
+    assert torch.ops.fusedrnn.cached_buffer_bytes()[1] == 0
+    # Outputs from the cache are ordinary tensors to their users.
+    y = model(xs[0])[0].detach()
+    assert torch.ops.fusedrnn.cached_buffer_bytes()[0] > in_use_before
+    saved = io.BytesIO()
+    torch.save(y, saved)
+    torch.testing.assert_close(torch.load(io.BytesIO(saved.getvalue())), y)
+    y.resize_(2 * y.numel())
+    y.resize_(16)
 
 
 def test_torch_compile_runs_the_cpu_ops(rng):

@@ -1,11 +1,14 @@
 #include "cpu/buffer_cache.h"
 
+#include <ATen/EmptyTensor.h>
+#include <c10/core/CPUAllocator.h>
 #include <sys/mman.h>
 
 #include <cstdlib>
 #include <map>
 #include <mutex>
 #include <new>
+#include <unordered_map>
 
 namespace fusedrnn {
 namespace cpu {
@@ -22,48 +25,55 @@ size_t block_bytes(size_t bytes) {
   return (bytes + granule - 1) / granule * granule;
 }
 
-// Idle blocks are kept up to this many bytes (FUSEDRNN_CPU_CACHE_MB overrides); a block freed
-// beyond it goes back to the system.
+// Idle blocks are kept up to this many bytes (FUSEDRNN_CPU_CACHE_MB, a whole number >= 0,
+// overrides the default 1024); a block freed beyond it goes back to the system.
 size_t idle_limit() {
   static const size_t limit = [] {
-    const char* env = std::getenv("FUSEDRNN_CPU_CACHE_MB");
-    return (env ? std::strtoull(env, nullptr, 10) : 2048ull) << 20;
+    long long mb = 1024;
+    if (const char* env = std::getenv("FUSEDRNN_CPU_CACHE_MB")) {
+      char* end = nullptr;
+      const long long value = std::strtoll(env, &end, 10);
+      if (end != env && *end == '\0' && value >= 0) mb = value;
+    }
+    return static_cast<size_t>(mb) << 20;
   }();
   return limit;
 }
 
 class BufferCache {
  public:
-  // A block of at least `bytes` (a block_bytes() size); `bytes` becomes the block's size.
-  void* take(size_t& bytes) {
+  // A block of at least `bytes` (a block_bytes() size).
+  void* take(size_t bytes) {
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      // The smallest idle block that fits, unless it would waste more than half of itself.
+      // The smallest idle block that fits, if it is at most a quarter larger than asked.
       auto it = idle_.lower_bound(bytes);
-      if (it != idle_.end() && it->first <= 2 * bytes) {
+      if (it != idle_.end() && it->first <= bytes + bytes / 4) {
         void* p = it->second;
-        bytes = it->first;
         idle_bytes_ -= it->first;
         in_use_bytes_ += it->first;
+        in_use_.emplace(p, it->first);
         idle_.erase(it);
         return p;
       }
-      in_use_bytes_ += bytes;
     }
     const bool huge = bytes >= kHugePage;
     void* p = nullptr;
-    if (posix_memalign(&p, huge ? kHugePage : 4096, bytes) != 0) {
-      std::lock_guard<std::mutex> lock(mutex_);
-      in_use_bytes_ -= bytes;
-      throw std::bad_alloc();
-    }
+    if (posix_memalign(&p, huge ? kHugePage : 4096, bytes) != 0) throw std::bad_alloc();
     if (huge) madvise(p, bytes, MADV_HUGEPAGE);  // advice only: fine if THP is off
+    std::lock_guard<std::mutex> lock(mutex_);
+    in_use_bytes_ += bytes;
+    in_use_.emplace(p, bytes);
     return p;
   }
 
-  void give_back(void* p, size_t bytes) {
+  void give_back(void* p) {
     {
       std::lock_guard<std::mutex> lock(mutex_);
+      auto it = in_use_.find(p);
+      TORCH_INTERNAL_ASSERT(it != in_use_.end(), "fusedrnn: freeing a block the cache never gave");
+      const size_t bytes = it->second;
+      in_use_.erase(it);
       in_use_bytes_ -= bytes;
       if (idle_bytes_ + bytes <= idle_limit()) {
         idle_.emplace(bytes, p);
@@ -96,7 +106,8 @@ class BufferCache {
 
  private:
   std::mutex mutex_;
-  std::multimap<size_t, void*> idle_;  // block size -> block
+  std::multimap<size_t, void*> idle_;         // block size -> block
+  std::unordered_map<void*, size_t> in_use_;  // block -> its size
   size_t idle_bytes_ = 0, in_use_bytes_ = 0;
 };
 
@@ -106,16 +117,30 @@ BufferCache& cache() {
   return *instance;
 }
 
+// A CPU allocator over the cache, so that its tensors are ordinary CPU tensors (resizable,
+// shareable, picklable); requests under kMinCachedBytes go to torch's default CPU allocator.
+class CachingAllocator final : public c10::Allocator {
+ public:
+  c10::DataPtr allocate(size_t bytes) override {
+    if (bytes < kMinCachedBytes) return c10::GetDefaultCPUAllocator()->allocate(bytes);
+    void* p = cache().take(block_bytes(bytes));
+    return {p, p, &give_back, c10::Device(c10::DeviceType::CPU)};
+  }
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+ private:
+  static void give_back(void* p) { cache().give_back(p); }
+};
+
 }  // namespace
 
 at::Tensor cached_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) *
-                       c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
-  if (bytes < kMinCachedBytes || !options.device().is_cpu()) return at::empty(sizes, options);
-  size_t block = block_bytes(bytes);
-  void* p = cache().take(block);
-  return at::from_blob(
-      p, sizes, [block](void* q) { cache().give_back(q, block); }, options);
+  if (!options.device().is_cpu()) return at::empty(sizes, options);
+  static CachingAllocator* allocator = new CachingAllocator();  // storages keep a pointer to it
+  return at::detail::empty_generic(sizes, allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   c10::typeMetaToScalarType(options.dtype()), std::nullopt);
 }
 
 int64_t release_cached_buffers() { return cache().release(); }

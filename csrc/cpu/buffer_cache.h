@@ -13,8 +13,9 @@
 namespace fusedrnn {
 namespace cpu {
 
-// at::empty for buffers of 128 KiB or more (smaller ones go to at::empty): a
-// contiguous tensor whose storage returns to the cache when its last user drops it.
+// at::empty on the cache's allocator: an ordinary contiguous CPU tensor (resizable, picklable,
+// shareable) whose storage returns to the cache when its last user drops it. Requests under
+// 128 KiB go to torch's default CPU allocator.
 at::Tensor cached_empty(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 // Frees every cached block no tensor is using; returns the bytes released.

@@ -77,7 +77,7 @@ def release_cached_buffers() -> int:
     """Hands the idle blocks of the extension's buffer cache back to the system, as
     ``torch.cuda.empty_cache`` does on a GPU; returns the bytes released. Layer calls keep their
     large buffers (outputs, saved activations, gradients) cached so that the next call does not
-    page-fault them in again; ``FUSEDRNN_CPU_CACHE_MB`` caps the idle bytes kept (default 2048)."""
+    page-fault them in again; ``FUSEDRNN_CPU_CACHE_MB`` caps the idle megabytes kept (default 1024)."""
     if _IMPORT_ERROR is not None:
         return 0
     return int(torch.ops.fusedrnn.release_cached_buffers())
