@@ -160,8 +160,9 @@ void mm_rows_out(Tensor& out, const Tensor& a, const Tensor& b) {
 Tensor mm_tn_rows(const Tensor& a, const Tensor& b) {
   const int64_t rows = a.size(0);
   const int64_t chunks = row_chunks(rows, 2 * rows * a.size(1) * b.size(1));
-  if (chunks == 1) return at::mm(a.t(), b);
-  Tensor partial = at::empty({chunks, a.size(1), b.size(1)}, a.options());
+  Tensor out = cached_empty({a.size(1), b.size(1)}, a.options());
+  if (chunks == 1) return at::mm_out(out, a.t(), b);
+  Tensor partial = cached_empty({chunks, a.size(1), b.size(1)}, a.options());
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     c10::NoGradGuard no_grad;
     for (int64_t i = begin; i < end; ++i) {
@@ -170,7 +171,7 @@ Tensor mm_tn_rows(const Tensor& a, const Tensor& b) {
       at::mm_out(out_chunk, a.narrow(0, r0, r1 - r0).t(), b.narrow(0, r0, r1 - r0));
     }
   });
-  return partial.sum(0);
+  return at::sum_out(out, partial, 0);
 }
 // A per-step GEMM's weight packed once per layer call in MKL's internal GEMM layout, so that
 // `out = a op(W)` does not re-pack W on every step (MKL's sgemm does, ~5 % of LSTM inference).
