@@ -34,7 +34,7 @@ COMMON_DEFAULTS = dict(
     fused=False, backend="auto", cell="lstm", layers=1, hidden=128, optimizer="adam", lr=1e-3,
     iters=1000, epochs=None, batch_size=64, seed=0, device="cpu", data_dir=None, out=None,
     threads=1, eval_every=100, log_every=10, clip=0.0, lr_schedule="fixed", min_lr=1e-3,
-    factor=0.5, patience=2, compare=False, progress=None, plot=True,
+    factor=0.5, patience=2, compare=False, progress=None, plot=True, resume=False,
 )
 
 
@@ -155,6 +155,9 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
     g.add_argument("--data-dir", default=None, help="shared data (default $FUSEDRNN_DATA "
                    "or ../shared/data); unused by generated-data tasks")
     g.add_argument("--out", default=None, help="output directory (default runs/<task>/<name>)")
+    g.add_argument("--resume", action="store_true", default=None,
+                   help="continue the run in --out from its last checkpoint (written at every "
+                   "evaluation), e.g. a long run split over several sessions; --iters may grow")
     g.add_argument("--compare", action="store_true", default=None,
                    help="run torch.nn then fused from the same seed and print the speed ratio")
     g.add_argument("--progress", dest="progress", action="store_true", default=None,
@@ -183,11 +186,14 @@ def resolve_config(task: Task, argv: Optional[List[str]] = None) -> Dict:
 
 
 class _Log:
-    """JSON-lines metrics log plus an in-memory copy for the plot and the results file."""
+    """JSON-lines metrics log plus an in-memory copy for the plot and the results file.
+    ``records`` carries on a resumed run's log (those up to its checkpoint)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, records: Optional[List[Dict]] = None):
         self.file = open(path, "w")
         self.records: List[Dict] = []
+        for record in records or []:
+            self.write(**record)
 
     def write(self, **record) -> None:
         self.records.append(record)
@@ -229,25 +235,52 @@ def train(task: Task, cfg: Dict) -> Dict:
             optimizer, T_max=cfg["iters"], eta_min=cfg["min_lr"])
     train_gen = torch.Generator().manual_seed(cfg["seed"] + 1)
     tests = task.test_sets(cfg, torch.Generator().manual_seed(cfg["seed"] + 2), device)
+    schedulers = [s for s in (plateau, cosine) if s is not None]
 
-    log = _Log(out / "metrics.jsonl")
+    checkpoint_path = out / "checkpoint.pt"
+    resumed = None
+    if cfg["resume"]:
+        if not checkpoint_path.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path}")
+        resumed = torch.load(checkpoint_path, weights_only=False)
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        for sched, state in zip(schedulers, resumed["schedulers"]):
+            sched.load_state_dict(state)
+        train_gen.set_state(resumed["train_gen"])
+        torch.set_rng_state(resumed["torch_rng"])
+    log = _Log(out / "metrics.jsonl", resumed and resumed["records"])
     n_params = sum(p.numel() for p in model.parameters())
     header = (f"tasks.{task.name} preset={cfg['preset']} "
               f"{'fused' if cfg['fused'] else 'torch.nn'} backend={','.join(backends)} "
               f"cell={cfg['cell']} layers={cfg['layers']} hidden={cfg['hidden']} "
               f"params={n_params} threads={torch.get_num_threads()} seed={cfg['seed']} -> {out}")
     print(header, flush=True)
+    if resumed:
+        print(f"resumed from {checkpoint_path} at step {resumed['step']}", flush=True)
 
-    bar = tqdm(total=cfg["iters"], desc=f"{task.name}", dynamic_ncols=True,
+    step = resumed["step"] if resumed else 0
+    bar = tqdm(total=cfg["iters"], initial=step, desc=f"{task.name}", dynamic_ncols=True,
                disable=None if cfg["progress"] is None else not cfg["progress"], file=sys.stderr)
-    window_loss, window_acc, window_n = 0.0, 0.0, 0
-    plateau_loss, plateau_n = 0.0, 0
-    first_loss = None
-    last_eval: Dict[str, Dict[str, float]] = {}
-    eval_time = 0.0
-    start = time.perf_counter()
-    step = 0
+    window_loss, window_acc, window_n = resumed["window"] if resumed else (0.0, 0.0, 0)
+    plateau_loss, plateau_n = 0.0, 0  # reset at every evaluation, so 0 at a checkpoint
+    first_loss = resumed["first_loss"] if resumed else None
+    last_eval: Dict[str, Dict[str, float]] = resumed["last_eval"] if resumed else {}
+    eval_time = resumed["eval_time"] if resumed else 0.0
+    start = time.perf_counter() - (resumed["elapsed"] if resumed else 0.0)
     status = "finished"
+
+    def save_checkpoint(step: int) -> None:
+        """Everything the loop needs to go on from ``step`` exactly as if it had not stopped."""
+        state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                     schedulers=[sched.state_dict() for sched in schedulers],
+                     train_gen=train_gen.get_state(), torch_rng=torch.get_rng_state(),
+                     step=step, window=(window_loss, window_acc, window_n),
+                     first_loss=first_loss, last_eval=last_eval,
+                     eval_time=eval_time, elapsed=time.perf_counter() - start,
+                     records=log.records)
+        torch.save(state, out / "checkpoint.pt.tmp")
+        os.replace(out / "checkpoint.pt.tmp", checkpoint_path)
 
     def run_eval(step: int) -> None:
         nonlocal eval_time
@@ -265,7 +298,7 @@ def train(task: Task, cfg: Dict) -> Dict:
 
     try:
         model.train()
-        for step in range(1, cfg["iters"] + 1):
+        for step in range(step + 1, cfg["iters"] + 1):
             batch = task.sample(cfg, train_gen, device)
             loss, stats = task.loss(model, batch)
             optimizer.zero_grad(set_to_none=True)
@@ -303,6 +336,7 @@ def train(task: Task, cfg: Dict) -> Dict:
                 run_eval(step)
                 _write_results(out, task, cfg, backends, n_params, log, last_eval, step,
                                time.perf_counter() - start, eval_time, "running")
+                save_checkpoint(step)
     except KeyboardInterrupt:
         status = f"interrupted at step {step}"
     finally:

@@ -145,3 +145,25 @@ def test_quick_preset_learns(task, tmp_path, capsys):
     assert saved["steps"] == results["config"]["iters"] and saved["steps_per_s"] > 0
     out = capsys.readouterr().out
     assert "iterations: " in out and "test_acc: " in out and "steps/s" in out
+
+
+def test_resume_continues_exactly(tmp_path):
+    """A run stopped at a checkpoint and resumed with --resume logs the same losses and test
+    metrics as the same run made in one go."""
+    argv = ["--preset", "quick", "--fused", "--eval-every", "10", "--log-every", "5", "--no-plot",
+            "--threads", "1"]
+    whole = harness.main(copy.TASK, [*argv, "--iters", "20", "--out", str(tmp_path / "whole")])
+    harness.main(copy.TASK, [*argv, "--iters", "10", "--out", str(tmp_path / "split")])
+    split = harness.main(copy.TASK, [*argv, "--iters", "20", "--resume",
+                                     "--out", str(tmp_path / "split")])
+    assert split["steps"] == whole["steps"] == 20
+
+    def losses(name):
+        records = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+        return [(r["kind"], r["step"], r.get("name"), r["loss"]) for r in records]
+
+    assert [r[:3] for r in losses("split")] == [r[:3] for r in losses("whole")]
+    torch.testing.assert_close(torch.tensor([r[3] for r in losses("split")]),
+                               torch.tensor([r[3] for r in losses("whole")]), rtol=1e-6, atol=0)
+    with pytest.raises(FileNotFoundError, match="checkpoint"):
+        harness.main(copy.TASK, [*argv, "--resume", "--out", str(tmp_path / "none")])
