@@ -62,6 +62,8 @@ Steps make_steps(const Tensor& batch_sizes, int64_t rows) {
   return s;
 }
 
+Tensor cached_clone(const Tensor& t) { return cached_empty(t.sizes(), t.options()).copy_(t); }
+
 template <typename T>
 T* ptr(const Tensor& t) {
   return t.numel() ? t.data_ptr<T>() : nullptr;
@@ -281,8 +283,8 @@ struct Kernel {
     const bool proj = w_hr.defined();
     auto opts = xp.options();
     Tensor y = cached_empty({rows, Hout}, opts);
-    Tensor h_state = cached_empty(h0.sizes(), opts).copy_(h0);
-    Tensor c_state = Cell::kCellState ? cached_empty(c0.sizes(), opts).copy_(c0) : at::empty({0}, opts);
+    Tensor h_state = cached_clone(h0);
+    Tensor c_state = Cell::kCellState ? cached_clone(c0) : at::empty({0}, opts);
     Tensor hg = cached_empty({B, G * H}, opts);
     // Saved for backward (train only).
     Tensor act = cached_empty({train ? rows : 0, S * H}, opts);
@@ -387,9 +389,8 @@ struct Kernel {
     const int64_t Hout = grad_hn.size(1);
     const bool proj = w_hr.defined();
     auto opts = act.options();
-    Tensor dh_state = cached_empty(grad_hn.sizes(), opts).copy_(grad_hn);
-    Tensor dc_state =
-        Cell::kCellState ? cached_empty(grad_cn.sizes(), opts).copy_(grad_cn) : at::empty({0}, opts);
+    Tensor dh_state = cached_clone(grad_hn);
+    Tensor dc_state = Cell::kCellState ? cached_clone(grad_cn) : at::empty({0}, opts);
     Tensor dxg = cached_empty({rows, G * H}, opts);
     Tensor dhg = Cell::kSplitHiddenGrad ? cached_empty({rows, G * H}, opts) : dxg;
     Tensor dh_total = cached_empty({proj ? rows : 0, Hout}, opts);  // dh per step, for dW_hr
