@@ -2,6 +2,7 @@
 
 #include <ATen/EmptyTensor.h>
 #include <c10/core/CPUAllocator.h>
+#include <pthread.h>
 #include <sys/mman.h>
 
 #include <cstdlib>
@@ -104,6 +105,11 @@ class BufferCache {
     return {static_cast<int64_t>(in_use_bytes_), static_cast<int64_t>(idle_bytes_)};
   }
 
+  // Held across fork() (pthread_atfork), so that a child, e.g. a DataLoader worker, never
+  // inherits the lock or the maps mid-update from a thread that does not exist there.
+  void lock() { mutex_.lock(); }
+  void unlock() { mutex_.unlock(); }
+
  private:
   std::mutex mutex_;
   std::multimap<size_t, void*> idle_;         // block size -> block
@@ -113,7 +119,11 @@ class BufferCache {
 
 // Never destroyed: tensors may still return blocks while the process exits.
 BufferCache& cache() {
-  static BufferCache* instance = new BufferCache();
+  static BufferCache* instance = [] {
+    auto* created = new BufferCache();
+    pthread_atfork([] { cache().lock(); }, [] { cache().unlock(); }, [] { cache().unlock(); });
+    return created;
+  }();
   return *instance;
 }
 
