@@ -17,7 +17,7 @@ CHECKOUT = os.environ.get("WT", os.path.dirname(os.path.dirname(os.path.abspath(
 sys.path.insert(0, CHECKOUT)
 sys.path.insert(0, os.path.join(CHECKOUT, "bench"))
 import fusedrnn  # noqa: E402
-from shapes import SEED_SHAPES  # noqa: E402
+from shapes import SEED_SHAPES, run_layer  # noqa: E402
 
 LAYERS = {"LSTM": torch.nn.LSTM, "GRU": torch.nn.GRU, "RNN": torch.nn.RNN}
 
@@ -32,20 +32,13 @@ def main(specs):
         models = {"nn": LAYERS[kind](I, H, L),
                   "cpu": fusedrnn.convert(LAYERS[kind](I, H, L), backend="cpu")}
         x = torch.randn(T, B, I)
-
-        def run(m):
-            if mode == "fwd":
-                with torch.no_grad():
-                    m(x)
-            else:
-                m(x)[0].sum().backward()
         best = {}
         for rep in range(int(os.environ.get("REPS", "8"))):
             for name, m in models.items():  # alternated, so both see the same machine
                 if rep == 0:
-                    run(m)
+                    run_layer(m, x, mode)
                 t = time.perf_counter()
-                run(m)
+                run_layer(m, x, mode)
                 best[name] = min(best.get(name, float("inf")), time.perf_counter() - t)
         out.append(f"{spec}: nn {best['nn'] * 1e3:.2f} ms, cpu {best['cpu'] * 1e3:.2f} ms, "
                    f"x{best['nn'] / best['cpu']:.2f}")

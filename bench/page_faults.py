@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fusedrnn  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from shapes import SEED_SHAPES  # noqa: E402
+from shapes import SEED_SHAPES, run_layer  # noqa: E402
 from test_bench_cpu import KINDS  # noqa: E402
 
 
@@ -42,14 +42,7 @@ def main(threads="2"):
                     m = layer_cls(I, H, L)
                     if impl == "cpu":
                         m = fusedrnn.convert(m, backend="cpu")
-
-                    def call(m=m, mode=mode):
-                        if mode == "fwd":
-                            with torch.no_grad():
-                                m(x)
-                        else:
-                            m(x)[0].sum().backward()
-                    row.append(f"{faults_per_call(call):.0f}")
+                    row.append(f"{faults_per_call(lambda: run_layer(m, x, mode)):.0f}")
             print(f"| {kind} | {shape} | " + " | ".join(row) + " |")
 
 

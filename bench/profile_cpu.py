@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fusedrnn  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from shapes import SEED_SHAPES as SHAPES  # noqa: E402
+from shapes import SEED_SHAPES as SHAPES, run_layer  # noqa: E402
 from test_bench_cpu import KINDS  # noqa: E402
 
 
@@ -29,11 +29,7 @@ def main(kind="LSTM", shape="adder200", mode="fwdbwd", impl="cpu", threads="2"):
     x = torch.randn(T, B, I)
 
     def step():
-        if mode == "fwd":
-            with torch.no_grad():
-                m(x)
-        else:
-            m(x)[0].sum().backward()
+        run_layer(m, x, mode)
 
     for _ in range(3):
         step()
