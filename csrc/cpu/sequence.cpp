@@ -158,23 +158,6 @@ void mm_rows_out(Tensor& out, const Tensor& a, const Tensor& b) {
   });
 }
 
-// a[rows, M]^T @ b[rows, N]: the sum over rows split across threads, partial sums added after.
-Tensor mm_tn_rows(const Tensor& a, const Tensor& b) {
-  const int64_t rows = a.size(0);
-  const int64_t chunks = row_chunks(rows, 2 * rows * a.size(1) * b.size(1));
-  Tensor out = cached_empty({a.size(1), b.size(1)}, a.options());
-  if (chunks == 1) return at::mm_out(out, a.t(), b);
-  Tensor partial = cached_empty({chunks, a.size(1), b.size(1)}, a.options());
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    c10::NoGradGuard no_grad;
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t r0 = rows * i / chunks, r1 = rows * (i + 1) / chunks;
-      Tensor out_chunk = partial.select(0, i);
-      at::mm_out(out_chunk, a.narrow(0, r0, r1 - r0).t(), b.narrow(0, r0, r1 - r0));
-    }
-  });
-  return at::sum_out(out, partial, 0);
-}
 // A per-step GEMM's weight packed once per layer call in MKL's internal GEMM layout, so that
 // `out = a op(W)` does not re-pack W on every step (MKL's sgemm does, ~5 % of LSTM inference).
 // Only float32 with MKL, and only when every step GEMM has at least kPackMinRows rows and there
@@ -436,10 +419,10 @@ struct Kernel {
       }
     });
     // Weight gradients: a few large GEMMs over all rows instead of one per step.
-    Tensor dw_hh = mm_tn_rows(dhg, h_prev);
+    Tensor dw_hh = mm_tn(dhg, h_prev);
     Tensor db_ih = dbx_part.sum(0);
     Tensor db_hh = Cell::kSplitHiddenGrad ? dbh_part.sum(0) : db_ih;
-    Tensor dw_hr = proj ? mm_tn_rows(dh_total, proj_in) : at::empty({0}, opts);
+    Tensor dw_hr = proj ? mm_tn(dh_total, proj_in) : at::empty({0}, opts);
     return {dxg, dh_state, dc_state, dw_hh, db_hh, dw_hr, db_ih};
   }
 };
@@ -470,10 +453,21 @@ Tensor mm_rows(const Tensor& a, const Tensor& b) {
   return out;
 }
 
+// a[rows, M]^T @ b[rows, N] (the weight gradients), one GEMM on MKL's own threads. When b is
+// thin (M >= 8 N: dW_ih of a narrow input) it is computed as (b^T a)^T and transposed: MKL
+// runs that operand order ~2x faster there (smnist [512,3584]x[3584,28]: 158 vs 78 GFLOP/s,
+// 2 threads, bench/gemm_routes.py), and about equal or slower on the squarer shapes.
+// Splitting the rows into per-thread chunks and summing the partials, the previous route,
+// was slower than both.
 Tensor mm_tn(const Tensor& a, const Tensor& b) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(0) == b.size(0),
               "fusedrnn mm_tn: shapes ", a.sizes(), " and ", b.sizes(), " do not share rows");
-  return mm_tn_rows(a.detach(), b.detach());
+  c10::NoGradGuard no_grad;
+  Tensor out = cached_empty({a.size(1), b.size(1)}, a.options());
+  if (a.size(1) < 8 * b.size(1)) return at::mm_out(out, a.t(), b);
+  Tensor out_t = cached_empty({b.size(1), a.size(1)}, a.options());
+  at::mm_out(out_t, b.t(), a);
+  return out.copy_(out_t.t());
 }
 
 std::vector<Tensor> sequence_forward(const std::string& cell, const Tensor& xp,

@@ -28,8 +28,8 @@ std::vector<at::Tensor> sequence_backward(const std::string& cell, const at::Ten
                                           const at::Tensor& grad_hn,
                                           const c10::optional<at::Tensor>& grad_cn);
 
-// a @ b and a^T @ b for the whole-sequence GEMMs (input projection and weight gradients),
-// split over rows by hand across the intra-op threads.
+// The whole-sequence GEMMs: a @ b (input projection, dx) split over rows by hand across the
+// intra-op threads; a^T @ b (weight gradients) as one MKL GEMM in its faster operand order.
 at::Tensor mm_rows(const at::Tensor& a, const at::Tensor& b);
 at::Tensor mm_tn(const at::Tensor& a, const at::Tensor& b);
 
