@@ -61,21 +61,36 @@ def _reason(name: str, device: torch.device, dtype: torch.dtype, cell: Cell,
         device, dtype, cell, hidden_size, proj_size)
 
 
-def check_name(name: str) -> str:
-    """Validate a ``backend=`` argument at construction time."""
+def _candidates(name: str, device_type: str) -> List[str]:
+    if name == "auto":
+        return _AUTO_ORDER.get(device_type, ["reference"])
+    return _ALIASES.get(name, [name])
+
+
+def _validate(name: str) -> None:
     if name not in backend_names():
         raise ValueError(f"unknown backend {name!r}; choose one of {backend_names()}")
+
+
+def check_name(name: str) -> str:
+    """Validate a ``backend=`` argument at construction time, and import the backends it can
+    pick on this machine's devices now, so that a forward traced by torch.compile never has to
+    import one (Dynamo cannot trace ``importlib``)."""
+    _validate(name)
+    for device_type in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+        for candidate in _candidates(name, device_type):
+            try:
+                _load(candidate)
+            except ImportError:  # an optional dependency: select() will say why
+                pass
     return name
 
 
 def select(name: str, device: torch.device, dtype: torch.dtype, cell: Cell,
            hidden_size: int, proj_size: int = 0) -> Backend:
     """The backend that runs this layer, or BackendUnavailableError saying why not."""
-    check_name(name)
-    if name == "auto":
-        candidates = _AUTO_ORDER.get(device.type, ["reference"])
-    else:
-        candidates = _ALIASES.get(name, [name])
+    _validate(name)
+    candidates = _candidates(name, device.type)
     reasons = []
     for candidate in candidates:
         reason = _reason(candidate, device, dtype, cell, hidden_size, proj_size)

@@ -192,6 +192,56 @@ def test_torch_compile_runs_the_cpu_ops(rng):
         assert_close(a, b, torch.float64, f"tensor {i}")
 
 
+@pytest.mark.parametrize("cell_name,proj", [("lstm", 0), ("lstm", 3), ("gru", 0),
+                                            ("rnn_relu", 0)])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "infer"])
+def test_fake_kernels_match_the_ops(rng, cell_name, proj, train):
+    """The shape-only kernels torch.compile traces with agree with the real ops (opcheck runs
+    both on the same inputs and compares every output's shape, strides and dtype)."""
+    cell = CELLS[cell_name]
+    hidden = rng.choice(HIDDEN)
+    args = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in sequence_inputs(
+        cell, random_batch_sizes(rng, 4, 3, packed=True), hidden, proj=proj).items()}
+    x, w_ih = torch.randn(args["xp"].shape[0], 6, dtype=torch.float64), \
+        torch.randn(args["xp"].shape[1], 6, dtype=torch.float64)
+    checks = ("test_schema", "test_faketensor")
+    ops = torch.ops.fusedrnn
+    torch.library.opcheck(ops.mm_rows, (x, w_ih.t().contiguous()), test_utils=checks)
+    torch.library.opcheck(ops.mm_tn, (args["xp"], x), test_utils=checks)
+    forward_args = (cell_name, args["xp"], args["batch_sizes"], args["h0"], args["c0"],
+                    args["w_hh"], None, args["b_hh"], args["w_hr"], False, train)
+    torch.library.opcheck(ops.sequence_forward, forward_args, test_utils=checks)
+    if train:
+        y, h_n, c_n, *saved = ops.sequence_forward(*forward_args)
+        torch.library.opcheck(ops.sequence_backward, (
+            cell_name, args["batch_sizes"], args["w_hh"], args["w_hr"], False, saved,
+            torch.randn_like(y), torch.randn_like(h_n),
+            torch.randn_like(c_n) if cell.has_cell_state else None), test_utils=checks)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_torch_compile_fullgraph(rng, kind):
+    """A whole model compiles into one graph (no break at the layers) and gives eager mode's
+    values and gradients; `allow_rnn` is Dynamo's own switch for torch.nn.RNNBase subclasses."""
+    extra = {"LSTM": dict(proj_size=3), "GRU": dict(bias=False), "RNN": dict(nonlinearity="relu")}
+    model = getattr(fusedrnn, kind)(6, rng.choice(HIDDEN), 2, bidirectional=True, backend="cpu",
+                                    **extra[kind]).double()
+    x = torch.randn(4, 3, 6, dtype=torch.float64, requires_grad=True)
+    torch._dynamo.reset()  # other tests' compilations of the same forward count as recompiles
+    with torch._dynamo.config.patch(allow_rnn=True):
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        results = []
+        for m in (model, compiled):
+            y, h = m(x)
+            h = h[0] if kind == "LSTM" else h
+            results.append([y, h, *torch.autograd.grad((y * y).sum() + h.sum(),
+                                                       [x, *m.parameters()])])
+            with torch.no_grad():
+                results[-1].append(m(x)[0])
+    for i, (a, b) in enumerate(zip(*results)):
+        assert_close(a, b, torch.float64, f"tensor {i}")
+
+
 def test_auto_picks_cpu_and_falls_back():
     cell = CELLS["lstm"]
     assert dispatch.select("auto", torch.device("cpu"), torch.float32, cell, 8).name == "cpu"

@@ -313,7 +313,8 @@ struct Kernel {
         }
       }
     });
-    if (!train) act = h_prev = c_prev = proj_in = at::empty({0}, opts);
+    if (!train)  // distinct empties: no two outputs of an op may alias (torch.compile)
+      for (Tensor* t : {&act, &h_prev, &c_prev, &proj_in}) *t = at::empty({0}, opts);
     return {y, h_state, c_state, act, h_prev, c_prev, proj_in};
   }
 
@@ -421,7 +422,9 @@ struct Kernel {
     // Weight gradients: a few large GEMMs over all rows instead of one per step.
     Tensor dw_hh = mm_tn(dhg, h_prev);
     Tensor db_ih = dbx_part.sum(0);
-    Tensor db_hh = Cell::kSplitHiddenGrad ? dbh_part.sum(0) : db_ih;
+    // One bias gradient serves both biases when d(hg) = d(xg); a copy, so that no two outputs
+    // of the op alias (torch.compile assumes they do not).
+    Tensor db_hh = Cell::kSplitHiddenGrad ? dbh_part.sum(0) : db_ih.clone();
     Tensor dw_hr = proj ? mm_tn(dh_total, proj_in) : at::empty({0}, opts);
     return {dxg, dh_state, dc_state, dw_hh, db_hh, dw_hr, db_ih};
   }

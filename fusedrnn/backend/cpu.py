@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
+from ..cells import CELLS
 from .base import Backend
 
 _DTYPES = (torch.float32, torch.float64)
@@ -81,6 +82,53 @@ def release_cached_buffers() -> int:
     if _IMPORT_ERROR is not None:
         return 0
     return int(torch.ops.fusedrnn.release_cached_buffers())
+
+
+# Activations the C++ forward saves per row, in units of H (kSaved in csrc/cells/*.h); the fake
+# kernels below need it for the saved tensor's shape, and test_fake_kernels_match_the_ops checks
+# them against the real ops for every cell.
+_SAVED_PER_H = {"lstm": 5, "gru": 4, "rnn_tanh": 1, "rnn_relu": 1}
+
+
+def _register_fake_kernels():
+    """Shape-only versions of the C++ ops, so that torch.compile can trace a whole model through
+    them (``fullgraph=True``) instead of breaking the graph at each layer."""
+
+    @torch.library.register_fake("fusedrnn::mm_rows")
+    def _mm_rows(a, b):
+        return a.new_empty(a.shape[0], b.shape[1])
+
+    @torch.library.register_fake("fusedrnn::mm_tn")
+    def _mm_tn(a, b):
+        return a.new_empty(a.shape[1], b.shape[1])
+
+    @torch.library.register_fake("fusedrnn::sequence_forward")
+    def _sequence_forward(cell, xp, batch_sizes, h0, c0, w_hh, b_ih, b_hh, w_hr, reverse, train):
+        rows, (B, h_out) = xp.shape[0], h0.shape
+        H = w_hh.shape[0] // CELLS[cell].gates
+        lstm = CELLS[cell].has_cell_state
+        empty = xp.new_empty(0)
+        saved = ([xp.new_empty(rows, _SAVED_PER_H[cell] * H), xp.new_empty(rows, h_out),
+                  xp.new_empty(rows if lstm else 0, H),
+                  xp.new_empty(rows if w_hr is not None else 0, H)]
+                 if train else [empty, empty.clone(), empty.clone(), empty.clone()])
+        return [xp.new_empty(rows, h_out), h0.new_empty(B, h_out),
+                h0.new_empty(B, H) if lstm else empty.clone(), *saved]
+
+    @torch.library.register_fake("fusedrnn::sequence_backward")
+    def _sequence_backward(cell, batch_sizes, w_hh, w_hr, reverse, saved, grad_y, grad_hn,
+                           grad_cn):
+        gh, h_out = w_hh.shape
+        empty = w_hh.new_empty(0)
+        return [w_hh.new_empty(saved[0].shape[0], gh), torch.empty_like(grad_hn),
+                torch.empty_like(grad_cn) if CELLS[cell].has_cell_state else empty,
+                w_hh.new_empty(gh, h_out), w_hh.new_empty(gh),
+                w_hr.new_empty(w_hr.shape) if w_hr is not None else empty.clone(),
+                w_hh.new_empty(gh)]
+
+
+if _IMPORT_ERROR is None:
+    _register_fake_kernels()
 
 
 class CpuBackend(Backend):
