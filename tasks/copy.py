@@ -174,13 +174,19 @@ class CopyTask(Task):
             sets[f"test:{length}/{self._train_name(cfg)}"] = batch
         return sets
 
+    @staticmethod
+    def greedy_hits(model, batch):
+        """[length, B] booleans: greedy decoding got output position t of sequence b right."""
+        lengths = batch["lengths"] if batch["packed"] else None
+        length = int(batch["lengths"].max())
+        return model.greedy(batch["src"], length, lengths) == batch["target"][:length]
+
     def evaluate(self, model, cfg, batch):
         lengths = batch["lengths"] if batch["packed"] else None
         loss = masked_loss(model(batch["src"], batch["dec_in"], lengths), batch["target"],
                            batch["mask"]).item()
         length = int(batch["lengths"].max())
-        pred = model.greedy(batch["src"], length, lengths)
-        hits = pred == batch["target"][:length]
+        hits = self.greedy_hits(model, batch)
         metrics = dict(loss=loss, acc=hits.float().mean().item(),
                        seq_acc=hits.all(0).float().mean().item())
         if length > cfg["length"]:  # positions no training sequence reached

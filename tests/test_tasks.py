@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from tasks import adder, copy, harness
+from tasks import adder, copy, copy_positions, harness
 from tasks.data import find_data_dir
 
 from conftest import assert_close
@@ -145,6 +145,23 @@ def test_quick_preset_learns(task, tmp_path, capsys):
     assert saved["steps"] == results["config"]["iters"] and saved["steps_per_s"] > 0
     out = capsys.readouterr().out
     assert "iterations: " in out and "test_acc: " in out and "steps/s" in out
+
+
+def test_copy_positions_reproduce_the_runs_final_accuracy(tmp_path):
+    """The per-position tool reloads the run's last weights and, given the harness's test-set
+    seed, re-draws its test sequences: its positions average to the run's final test accuracy."""
+    results = harness.main(copy.TASK, ["--preset", "quick", "--fused", "--threads", "1",
+                                       "--iters", "60", "--no-plot", "--out", str(tmp_path)])
+    cfg = results["config"]
+    lengths = [int(x) for x in str(cfg["test_lengths"]).split(",")]
+    _, acc = copy_positions.position_accuracy(tmp_path, lengths, cfg["test_size"],
+                                              seed=cfg["seed"] + 2)
+    for length in lengths:
+        assert len(acc[length]) == length and all(0 <= a <= 1 for a in acc[length])
+        final = results["test"][f"test:{length}/{cfg['length']}"]["acc"]
+        assert abs(sum(acc[length]) / length - final) < 1e-6
+    copy_positions.main([str(tmp_path), "--lengths", "12"])
+    assert (tmp_path / "positions.png").stat().st_size > 0
 
 
 def test_resume_continues_exactly(tmp_path):
