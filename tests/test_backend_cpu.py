@@ -180,8 +180,8 @@ def test_cached_buffers_reused_without_aliasing(rng, dtype, T, H):
 
 
 def test_torch_compile_runs_the_cpu_ops(rng):
-    """torch.compile users are not broken: the custom ops run inside a compiled module (as a
-    graph break around the autograd.Function) and give the eager values and gradients."""
+    """torch.compile with default settings is not broken: without `allow_rnn` Dynamo runs the
+    RNN module eagerly (a graph break), and the result equals eager mode's."""
     model = fusedrnn.LSTM(8, 16, 2, backend="cpu").double()
     x = torch.randn(5, 3, 8, dtype=torch.float64, requires_grad=True)
     results = []

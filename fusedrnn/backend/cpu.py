@@ -107,23 +107,21 @@ def _register_fake_kernels():
         rows, (B, h_out) = xp.shape[0], h0.shape
         H = w_hh.shape[0] // CELLS[cell].gates
         lstm = CELLS[cell].has_cell_state
-        empty = xp.new_empty(0)
         saved = ([xp.new_empty(rows, _SAVED_PER_H[cell] * H), xp.new_empty(rows, h_out),
                   xp.new_empty(rows if lstm else 0, H),
                   xp.new_empty(rows if w_hr is not None else 0, H)]
-                 if train else [empty, empty.clone(), empty.clone(), empty.clone()])
+                 if train else [xp.new_empty(0) for _ in range(4)])
         return [xp.new_empty(rows, h_out), h0.new_empty(B, h_out),
-                h0.new_empty(B, H) if lstm else empty.clone(), *saved]
+                h0.new_empty(B, H) if lstm else xp.new_empty(0), *saved]
 
     @torch.library.register_fake("fusedrnn::sequence_backward")
     def _sequence_backward(cell, batch_sizes, w_hh, w_hr, reverse, saved, grad_y, grad_hn,
                            grad_cn):
         gh, h_out = w_hh.shape
-        empty = w_hh.new_empty(0)
         return [w_hh.new_empty(saved[0].shape[0], gh), torch.empty_like(grad_hn),
-                torch.empty_like(grad_cn) if CELLS[cell].has_cell_state else empty,
+                torch.empty_like(grad_cn) if CELLS[cell].has_cell_state else w_hh.new_empty(0),
                 w_hh.new_empty(gh, h_out), w_hh.new_empty(gh),
-                w_hr.new_empty(w_hr.shape) if w_hr is not None else empty.clone(),
+                w_hr.new_empty(w_hr.shape) if w_hr is not None else w_hh.new_empty(0),
                 w_hh.new_empty(gh)]
 
 
