@@ -8,6 +8,8 @@ Lengths: training sequences have ``--length`` symbols (or a uniform random lengt
 ``[--min-length, --length]``). With ``--pad-to P`` sources are padded with PAD up to P and the
 encoder reads the pads (the report's "train 20 + 10 padding"); with ``--packed`` the encoder and
 decoder get PackedSequences, so padding is never read at all. The loss is masked to real symbols.
+``--lead-pad N`` (packed only) puts a random 0..N PADs before each training source, so the
+encoder reads symbols at later time steps than the training lengths alone reach.
 """
 from __future__ import annotations
 
@@ -70,14 +72,17 @@ class Seq2Seq(nn.Module):
         y, state = rnn(packed, state)
         return pad_packed_sequence(y, total_length=tokens.size(0))[0], state
 
-    def forward(self, src, dec_in, lengths: Optional[torch.Tensor] = None):
-        """Teacher-forced logits [T, B, vocab + 2]; ``lengths`` given = packed sequences."""
-        _, state = self._run(self.encoder, src, lengths)
+    def forward(self, src, dec_in, lengths: Optional[torch.Tensor] = None,
+                src_lengths: Optional[torch.Tensor] = None):
+        """Teacher-forced logits [T, B, vocab + 2]; ``lengths`` given = packed sequences, and
+        ``src_lengths`` (default ``lengths``) = the sources' lengths, leading pads included."""
+        _, state = self._run(self.encoder, src, lengths if src_lengths is None else src_lengths)
         y, _ = self._run(self.decoder, dec_in, lengths, state)
         return self.out(y)
 
     def greedy(self, src, steps: int, lengths: Optional[torch.Tensor] = None):
-        """Decode ``steps`` symbols feeding back the argmax; returns [steps, B]."""
+        """Decode ``steps`` symbols feeding back the argmax; returns [steps, B]. ``lengths``:
+        the sources' lengths when packed."""
         _, state = self._run(self.encoder, src, lengths)
         token = torch.full((src.size(1),), self.vocab + 1, dtype=torch.long, device=src.device)
         out = []
@@ -89,11 +94,13 @@ class Seq2Seq(nn.Module):
 
 
 def make_batch(gen: torch.Generator, lengths: torch.Tensor, vocab: int, pad_to: int = 0,
-               reverse_source: bool = False, device="cpu") -> Dict:
+               reverse_source: bool = False, device="cpu", *,
+               lead_pads: Optional[torch.Tensor] = None) -> Dict:
     """Random sequences of the given lengths, time-major and padded with PAD.
 
     target = the sequence itself; dec_in = GO then the sequence shifted by one; src = the
-    sequence (reversed within its length with ``reverse_source``); mask = real positions.
+    sequence (reversed within its length with ``reverse_source``), after ``lead_pads[b]`` PADs
+    if given; src_lengths = the sources' lengths with those PADs; mask = real positions.
     """
     steps = max(int(lengths.max()), pad_to)
     pos = torch.arange(steps)[:, None]
@@ -102,9 +109,16 @@ def make_batch(gen: torch.Generator, lengths: torch.Tensor, vocab: int, pad_to: 
     src = seq
     if reverse_source:
         src = seq.gather(0, torch.where(mask, lengths[None, :] - 1 - pos, pos))
+    src_lengths = lengths
+    if lead_pads is not None:
+        src_lengths = lengths + lead_pads
+        src_pos = torch.arange(max(int(src_lengths.max()), pad_to))[:, None] - lead_pads[None, :]
+        real = (src_pos >= 0) & (src_pos < lengths[None, :])
+        src = torch.where(real, src.gather(0, src_pos.clamp(0, steps - 1)), PAD)
     dec_in = torch.cat([torch.full_like(seq[:1], vocab + 1), seq[:-1]])
     to = lambda t: t.to(device)  # noqa: E731
-    return dict(src=to(src), dec_in=to(dec_in), target=to(seq), mask=to(mask), lengths=lengths)
+    return dict(src=to(src), dec_in=to(dec_in), target=to(seq), mask=to(mask), lengths=lengths,
+                src_lengths=src_lengths)
 
 
 def masked_loss(logits, target, mask):
@@ -118,7 +132,7 @@ class CopyTask(Task):
     name = "copy"
     description = __doc__
     defaults = dict(vocab=10, embed=100, length=20, min_length=None, pad_to=0, packed=False,
-                    reverse_source=False, test_lengths="10,20,30", test_size=256)
+                    reverse_source=False, lead_pad=0, test_lengths="10,20,30", test_size=256)
     presets = PRESETS
     default_preset = "default"
     epoch_iters = 500
@@ -133,6 +147,8 @@ class CopyTask(Task):
         p.add_argument("--packed", action="store_true", default=None,
                        help="feed PackedSequences: padding never reaches the RNN")
         p.add_argument("--no-packed", dest="packed", action="store_false")
+        p.add_argument("--lead-pad", type=int, default=None, metavar="N",
+                       help="with --packed: a random 0..N PADs before each training source")
         p.add_argument("--reverse-source", action="store_true", default=None,
                        help="encoder reads the source backwards (Sutskever et al.)")
         p.add_argument("--no-reverse-source", dest="reverse_source", action="store_false")
@@ -149,13 +165,27 @@ class CopyTask(Task):
         lo = cfg["min_length"] or cfg["length"]
         lengths = torch.randint(lo, cfg["length"] + 1, (cfg["batch_size"],), generator=gen)
         pad_to = 0 if cfg["packed"] else cfg["pad_to"]
-        batch = make_batch(gen, lengths, cfg["vocab"], pad_to, cfg["reverse_source"], device)
+        lead_pads = None
+        if cfg["lead_pad"]:
+            if not cfg["packed"]:
+                raise ValueError("--lead-pad needs --packed: unpacked sources would also read "
+                                 "trailing pads")
+            lead_pads = torch.randint(0, cfg["lead_pad"] + 1, lengths.shape, generator=gen)
+        batch = make_batch(gen, lengths, cfg["vocab"], pad_to, cfg["reverse_source"], device,
+                           lead_pads=lead_pads)
         batch["packed"] = cfg["packed"]
         return batch
 
+    @staticmethod
+    def _lengths(batch):
+        """(target lengths, source lengths) for packed batches, else (None, None)."""
+        return (batch["lengths"], batch["src_lengths"]) if batch["packed"] else (None, None)
+
+    def teacher_forced_logits(self, model, batch):
+        return model(batch["src"], batch["dec_in"], *self._lengths(batch))
+
     def loss(self, model, batch):
-        lengths = batch["lengths"] if batch["packed"] else None
-        logits = model(batch["src"], batch["dec_in"], lengths)
+        logits = self.teacher_forced_logits(model, batch)
         loss = masked_loss(logits, batch["target"], batch["mask"])
         with torch.no_grad():
             hits = (logits.argmax(-1) == batch["target"]) & batch["mask"]
@@ -174,16 +204,14 @@ class CopyTask(Task):
             sets[f"test:{length}/{self._train_name(cfg)}"] = batch
         return sets
 
-    @staticmethod
-    def greedy_hits(model, batch):
+    def greedy_hits(self, model, batch):
         """[length, B] booleans: greedy decoding got output position t of sequence b right."""
-        lengths = batch["lengths"] if batch["packed"] else None
         length = int(batch["lengths"].max())
-        return model.greedy(batch["src"], length, lengths) == batch["target"][:length]
+        hits = model.greedy(batch["src"], length, self._lengths(batch)[1])
+        return hits == batch["target"][:length]
 
     def evaluate(self, model, cfg, batch):
-        lengths = batch["lengths"] if batch["packed"] else None
-        loss = masked_loss(model(batch["src"], batch["dec_in"], lengths), batch["target"],
+        loss = masked_loss(self.teacher_forced_logits(model, batch), batch["target"],
                            batch["mask"]).item()
         length = int(batch["lengths"].max())
         hits = self.greedy_hits(model, batch)

@@ -35,6 +35,7 @@ COMMON_DEFAULTS = dict(
     iters=1000, epochs=None, batch_size=64, seed=0, device="cpu", data_dir=None, out=None,
     threads=1, eval_every=100, log_every=10, clip=0.0, lr_schedule="fixed", min_lr=1e-3,
     factor=0.5, patience=2, compare=False, progress=None, plot=True, resume=False,
+    weight_decay=0.0, chrono_init=0,
 )
 
 
@@ -82,23 +83,56 @@ def _fmt(key: str, value: float) -> str:
 
 def make_rnn(cfg: Dict, input_size: int) -> nn.Module:
     """The torch.nn recurrent stack named by ``--cell/--hidden/--layers`` (time-major)."""
-    return RNN_CLASSES[cfg["cell"]](input_size, cfg["hidden"], num_layers=cfg["layers"])
+    rnn = RNN_CLASSES[cfg["cell"]](input_size, cfg["hidden"], num_layers=cfg["layers"])
+    if cfg.get("chrono_init"):
+        chrono_init_(rnn, cfg["chrono_init"])
+    return rnn
+
+
+def chrono_init_(rnn: nn.Module, t_max: float) -> None:
+    """Tallec & Ollivier's chrono initialisation (ICLR 2018): gate biases that give each unit
+    a memory time scale drawn log-uniformly from [1, t_max - 1].
+
+    LSTM: forget bias log(U(1, t_max - 1)) and input bias its negative. GRU: the update gate
+    (the share of the old state kept) gets the forget bias. The ``bias_hh`` halves are zeroed
+    so the sum is the drawn value.
+    """
+    if t_max <= 2:
+        raise ValueError(f"--chrono-init needs a time scale above 2, got {t_max}")
+    if not isinstance(rnn, (nn.LSTM, nn.GRU)) or not rnn.bias:
+        raise ValueError("--chrono-init applies to LSTM and GRU layers with biases")
+    h = rnn.hidden_size
+    with torch.no_grad():
+        for name, param in rnn.named_parameters():
+            if not name.startswith("bias_"):
+                continue
+            keep = slice(h, 2 * h)  # LSTM gates i, f, g, o; GRU gates r, z, n
+            if name.startswith("bias_hh"):
+                param[keep].zero_()
+                if isinstance(rnn, nn.LSTM):
+                    param[:h].zero_()
+                continue
+            param[keep] = torch.log(torch.empty(h).uniform_(1, t_max - 1))
+            if isinstance(rnn, nn.LSTM):
+                param[:h] = -param[keep]
 
 
 def make_optimizer(cfg: Dict, params) -> torch.optim.Optimizer:
     """The seed reports' optimizers; momentum is Nesterov 0.9 and RMSProp is TF's (decay 0.9,
-    momentum 0.9), as in the copy report."""
-    name, lr = cfg["optimizer"], cfg["lr"]
+    momentum 0.9), as in the copy report. ``--weight-decay`` is torch's L2 term, decoupled
+    (AdamW) for Adam."""
+    name, lr, wd = cfg["optimizer"], cfg["lr"], cfg.get("weight_decay", 0.0)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr)
+        return torch.optim.SGD(params, lr=lr, weight_decay=wd)
     if name == "momentum":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=wd)
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
     if name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=lr, alpha=0.9, momentum=0.9, eps=1e-6)
+        return torch.optim.RMSprop(params, lr=lr, alpha=0.9, momentum=0.9, eps=1e-6,
+                                   weight_decay=wd)
     if name == "adagrad":
-        return torch.optim.Adagrad(params, lr=lr)
+        return torch.optim.Adagrad(params, lr=lr, weight_decay=wd)
     raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
 
 
@@ -140,6 +174,11 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
     g.add_argument("--factor", type=float, default=None, help="plateau decay factor")
     g.add_argument("--patience", type=int, default=None, help="plateau patience (evals)")
     g.add_argument("--clip", type=float, default=None, help="gradient norm clip (0: off)")
+    g.add_argument("--weight-decay", type=float, default=None,
+                   help="L2 weight decay (decoupled, AdamW, with adam; default 0)")
+    g.add_argument("--chrono-init", type=float, default=None, metavar="T",
+                   help="LSTM/GRU gate biases from chrono initialisation with time scales up "
+                   "to T steps (default off: torch.nn's init)")
     steps = g.add_mutually_exclusive_group()
     steps.add_argument("--iters", type=int, default=None, help="training steps")
     steps.add_argument("--epochs", type=int, default=None,

@@ -35,6 +35,35 @@ def test_copy_batch_targets_are_the_inputs(rng, reverse):
         assert b["mask"][:, j].sum() == n
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_copy_lead_pads_come_before_the_source(rng, reverse):
+    seed = rng.randrange(2**31)
+    lengths = torch.tensor([rng.randint(1, 12) for _ in range(9)])
+    pads = torch.tensor([rng.randint(0, 6) for _ in range(9)])
+    plain = copy.make_batch(torch.Generator().manual_seed(seed), lengths, 7, reverse_source=reverse)
+    padded = copy.make_batch(torch.Generator().manual_seed(seed), lengths, 7, reverse_source=reverse,
+                             lead_pads=pads)
+    assert padded["src"].size(0) == int((lengths + pads).max())
+    assert torch.equal(padded["src_lengths"], lengths + pads)
+    for key in ("target", "dec_in", "mask"):
+        assert torch.equal(padded[key], plain[key])
+    for j, (n, p) in enumerate(zip(lengths.tolist(), pads.tolist())):
+        assert (padded["src"][:p, j] == copy.PAD).all()
+        assert torch.equal(padded["src"][p:p + n, j], plain["src"][:n, j])
+        assert (padded["src"][p + n:, j] == copy.PAD).all()
+
+
+def test_copy_lead_pads_need_packed_sequences(tmp_path):
+    cfg = _cfg(copy.TASK, ["--preset", "quick", "--lead-pad", "3"], tmp_path)
+    with pytest.raises(ValueError, match="--packed"):
+        copy.TASK.sample(cfg, torch.Generator(), "cpu")
+    cfg = _cfg(copy.TASK, ["--preset", "quick", "--lead-pad", "3", "--packed",
+                           "--min-length", "2"], tmp_path)
+    batch = copy.TASK.sample(cfg, torch.Generator().manual_seed(0), "cpu")
+    extra = batch["src_lengths"] - batch["lengths"]
+    assert extra.min() >= 0 and extra.max() <= 3 and extra.max() > 0
+
+
 def test_adder_batch_targets_are_the_sums(rng):
     gen = torch.Generator().manual_seed(rng.randrange(2**31))
     digits = rng.randint(2, 40)
@@ -104,6 +133,35 @@ def test_every_optimizer_builds(name):
     assert (p < 0).all()
 
 
+@pytest.mark.parametrize("name", harness.OPTIMIZERS)
+def test_weight_decay_shrinks_weights_without_gradient(name):
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = harness.make_optimizer({"optimizer": name, "lr": 0.1, "weight_decay": 0.5}, [p])
+    p.grad = torch.zeros(3)
+    opt.step()
+    assert ((p > 0) & (p < 1)).all()
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_chrono_init_sets_gate_biases_to_time_scales(cell):
+    t_max, hidden = 40.0, 64
+    rnn = harness.make_rnn({"cell": cell, "hidden": hidden, "layers": 2, "chrono_init": t_max}, 5)
+    keep = slice(hidden, 2 * hidden)  # LSTM forget gate, GRU update gate
+    for layer in range(2):
+        b_ih, b_hh = getattr(rnn, f"bias_ih_l{layer}"), getattr(rnn, f"bias_hh_l{layer}")
+        scale = torch.exp(b_ih[keep])  # the drawn time scale of each unit
+        assert ((scale >= 1) & (scale <= t_max - 1)).all()
+        assert scale.max() > t_max / 2 and scale.min() < 3  # drawn across the range
+        assert (b_hh[keep] == 0).all()
+        if cell == "lstm":
+            assert torch.equal(b_ih[:hidden], -b_ih[keep])
+            assert (b_hh[:hidden] == 0).all()
+    with pytest.raises(ValueError, match="LSTM and GRU"):
+        harness.make_rnn({"cell": "rnn", "hidden": 4, "layers": 1, "chrono_init": t_max}, 5)
+    with pytest.raises(ValueError, match="above 2"):
+        harness.make_rnn({"cell": cell, "hidden": 4, "layers": 1, "chrono_init": 2}, 5)
+
+
 def test_find_data_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("FUSEDRNN_DATA", str(tmp_path))
     assert find_data_dir() == tmp_path
@@ -113,8 +171,10 @@ def test_find_data_dir(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("task,argv", [
-    (copy.TASK, ["--preset", "quick", "--hidden", "32", "--packed", "--min-length", "3"]),
-    (copy.TASK, ["--preset", "quick", "--hidden", "32", "--cell", "gru", "--layers", "2"]),
+    (copy.TASK, ["--preset", "quick", "--hidden", "32", "--packed", "--min-length", "3",
+                 "--lead-pad", "4"]),
+    (copy.TASK, ["--preset", "quick", "--hidden", "32", "--cell", "gru", "--layers", "2",
+                 "--chrono-init", "30", "--weight-decay", "0.1"]),
     (adder.TASK, ["--preset", "quick", "--cell", "lstm", "--layers", "3"]),
 ])
 def test_fused_and_torch_nn_give_the_same_first_step(task, argv, tmp_path):
