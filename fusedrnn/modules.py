@@ -256,10 +256,21 @@ def _fused_copy(module: nn.Module, backend: str) -> nn.Module:
 def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
     """Swap every torch.nn LSTM/GRU/RNN (and *Cell) inside ``model`` for its fusedrnn twin.
 
-    The weights are shared, not copied. A bare recurrent module is returned converted.
+    The weights are shared, not copied. A module used in several places (a tied encoder and
+    decoder) becomes one fused module used in the same places. A bare recurrent module is
+    returned converted.
     """
-    if type(model) in _FUSED_FOR:
-        return _fused_copy(model, backend)
-    for child_name, child in model.named_children():
-        setattr(model, child_name, convert(child, backend))
-    return model
+    return _convert(model, backend, {})
+
+
+def _convert(model: nn.Module, backend: str, done: dict) -> nn.Module:
+    if id(model) not in done:
+        if type(model) in _FUSED_FOR:
+            done[id(model)] = _fused_copy(model, backend)
+        else:
+            done[id(model)] = model
+            # every slot, repeats included (named_children() yields a shared module once)
+            for child_name, child in list(model._modules.items()):
+                if child is not None:
+                    setattr(model, child_name, _convert(child, backend, done))
+    return done[id(model)]

@@ -61,7 +61,9 @@ class Seq2Seq(nn.Module):
         self.vocab = cfg["vocab"]
         self.embed = nn.Embedding(self.vocab + 2, cfg["embed"], padding_idx=PAD)
         self.encoder = make_rnn(cfg, cfg["embed"])
-        self.decoder = make_rnn(cfg, cfg["embed"])
+        # --shared-rnn: one recurrent stack reads the source and writes the copy (GO marks the
+        # switch), so the decoder's counting is the encoder's.
+        self.decoder = self.encoder if cfg.get("shared_rnn") else make_rnn(cfg, cfg["embed"])
         self.out = nn.Linear(cfg["hidden"], self.vocab + 2)
 
     def _run(self, rnn: nn.Module, tokens, lengths: Optional[torch.Tensor], state=None):
@@ -132,7 +134,7 @@ class CopyTask(Task):
     name = "copy"
     description = __doc__
     defaults = dict(vocab=10, embed=100, length=20, min_length=None, pad_to=0, packed=False,
-                    reverse_source=False, lead_pad=0, test_lengths="10,20,30", test_size=256)
+                    reverse_source=False, lead_pad=0, shared_rnn=False, test_lengths="10,20,30", test_size=256)
     presets = PRESETS
     default_preset = "default"
     epoch_iters = 500
@@ -152,6 +154,8 @@ class CopyTask(Task):
         p.add_argument("--reverse-source", action="store_true", default=None,
                        help="encoder reads the source backwards (Sutskever et al.)")
         p.add_argument("--no-reverse-source", dest="reverse_source", action="store_false")
+        p.add_argument("--shared-rnn", action="store_true", default=None,
+                       help="the encoder and decoder are one recurrent stack (shared weights)")
         p.add_argument("--test-lengths", default=None, help="comma-separated, e.g. 10,20,30,50")
         p.add_argument("--test-size", type=int, default=None, help="test sequences per length")
 

@@ -246,6 +246,15 @@ def test_convert_keeps_outputs_and_parameters():
     assert converted.weight_hh_l0 is original.weight_hh_l0
 
 
+def test_convert_keeps_a_shared_module_shared():
+    rnn = nn.GRU(3, 4)
+    model = nn.ModuleDict({"encoder": rnn, "decoder": rnn, "inner": nn.Sequential(rnn)})
+    converted = fusedrnn.convert(model)
+    assert type(converted["encoder"]) is fusedrnn.GRU
+    assert converted["decoder"] is converted["encoder"] is converted["inner"][0]
+    assert list(converted.state_dict()) == list(model.state_dict())
+
+
 # --- bad input: the same error types torch.nn raises ---
 
 def _both(cell):

@@ -172,7 +172,7 @@ def test_find_data_dir(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("task,argv", [
     (copy.TASK, ["--preset", "quick", "--hidden", "32", "--packed", "--min-length", "3",
-                 "--lead-pad", "4"]),
+                 "--lead-pad", "4", "--shared-rnn"]),
     (copy.TASK, ["--preset", "quick", "--hidden", "32", "--cell", "gru", "--layers", "2",
                  "--chrono-init", "30", "--weight-decay", "0.1"]),
     (adder.TASK, ["--preset", "quick", "--cell", "lstm", "--layers", "3"]),
