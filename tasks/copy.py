@@ -64,6 +64,9 @@ class Seq2Seq(nn.Module):
         # --shared-rnn: one recurrent stack reads the source and writes the copy (GO marks the
         # switch), so the decoder's counting is the encoder's.
         self.decoder = self.encoder if cfg.get("shared_rnn") else make_rnn(cfg, cfg["embed"])
+        # --decoder-input go: the decoder reads GO at every step instead of the previous
+        # symbol, so training and greedy decoding feed it the same thing.
+        self.feed_previous = cfg.get("decoder_input", "previous") == "previous"
         self.out = nn.Linear(cfg["hidden"], self.vocab + 2)
 
     def _run(self, rnn: nn.Module, tokens, lengths: Optional[torch.Tensor], state=None):
@@ -79,6 +82,8 @@ class Seq2Seq(nn.Module):
         """Teacher-forced logits [T, B, vocab + 2]; ``lengths`` given = packed sequences, and
         ``src_lengths`` (default ``lengths``) = the sources' lengths, leading pads included."""
         _, state = self._run(self.encoder, src, lengths if src_lengths is None else src_lengths)
+        if not self.feed_previous:
+            dec_in = torch.full_like(dec_in, self.vocab + 1)
         y, _ = self._run(self.decoder, dec_in, lengths, state)
         return self.out(y)
 
@@ -90,8 +95,9 @@ class Seq2Seq(nn.Module):
         out = []
         for _ in range(steps):
             y, state = self.decoder(self.embed(token)[None], state)
-            token = self.out(y[0]).argmax(-1)
-            out.append(token)
+            out.append(self.out(y[0]).argmax(-1))
+            if self.feed_previous:
+                token = out[-1]
         return torch.stack(out)
 
 
@@ -134,7 +140,8 @@ class CopyTask(Task):
     name = "copy"
     description = __doc__
     defaults = dict(vocab=10, embed=100, length=20, min_length=None, pad_to=0, packed=False,
-                    reverse_source=False, lead_pad=0, shared_rnn=False, test_lengths="10,20,30", test_size=256)
+                    reverse_source=False, lead_pad=0, shared_rnn=False,
+                    decoder_input="previous", test_lengths="10,20,30", test_size=256)
     presets = PRESETS
     default_preset = "default"
     epoch_iters = 500
@@ -156,6 +163,9 @@ class CopyTask(Task):
         p.add_argument("--no-reverse-source", dest="reverse_source", action="store_false")
         p.add_argument("--shared-rnn", action="store_true", default=None,
                        help="the encoder and decoder are one recurrent stack (shared weights)")
+        p.add_argument("--decoder-input", choices=("previous", "go"), default=None,
+                       help="what the decoder reads: the previous symbol (default; teacher "
+                       "forced in training) or GO at every step")
         p.add_argument("--test-lengths", default=None, help="comma-separated, e.g. 10,20,30,50")
         p.add_argument("--test-size", type=int, default=None, help="test sequences per length")
 

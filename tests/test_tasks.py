@@ -53,6 +53,27 @@ def test_copy_lead_pads_come_before_the_source(rng, reverse):
         assert (padded["src"][p + n:, j] == copy.PAD).all()
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_copy_decoder_reading_go_decodes_as_it_trains(tmp_path, packed):
+    """With ``--decoder-input go`` greedy decoding sees what training saw: its symbols are the
+    teacher-forced argmax, and feeding back the previous symbol changes them."""
+    argv = ["--preset", "quick", "--hidden", "16", "--embed", "8", "--min-length", "3"]
+    argv += ["--packed"] if packed else []
+    outputs = {}
+    for feed in ("go", "previous"):
+        cfg = _cfg(copy.TASK, [*argv, "--decoder-input", feed], tmp_path)
+        torch.manual_seed(0)
+        model = copy.TASK.build(cfg).eval()
+        batch = copy.TASK.sample(cfg, torch.Generator().manual_seed(1), "cpu")
+        with torch.no_grad():
+            forced = copy.TASK.teacher_forced_logits(model, batch).argmax(-1)
+            greedy = model.greedy(batch["src"], batch["src"].size(0),
+                                  batch["lengths"] if packed else None)
+        outputs[feed] = (forced[batch["mask"]], greedy[batch["mask"]])
+    assert torch.equal(*outputs["go"])
+    assert not torch.equal(*outputs["previous"])
+
+
 def test_copy_lead_pads_need_packed_sequences(tmp_path):
     cfg = _cfg(copy.TASK, ["--preset", "quick", "--lead-pad", "3"], tmp_path)
     with pytest.raises(ValueError, match="--packed"):
