@@ -141,7 +141,7 @@ class CopyTask(Task):
     description = __doc__
     defaults = dict(vocab=10, embed=100, length=20, min_length=None, pad_to=0, packed=False,
                     reverse_source=False, lead_pad=0, shared_rnn=False,
-                    decoder_input="previous", test_lengths="10,20,30", test_size=256)
+                    decoder_input="previous", test_lead_pad=0, test_lengths="10,20,30", test_size=256)
     presets = PRESETS
     default_preset = "default"
     epoch_iters = 500
@@ -167,6 +167,9 @@ class CopyTask(Task):
                        help="what the decoder reads: the previous symbol (default; teacher "
                        "forced in training) or GO at every step")
         p.add_argument("--test-lengths", default=None, help="comma-separated, e.g. 10,20,30,50")
+        p.add_argument("--test-lead-pad", type=int, default=None, metavar="P",
+                       help="with --packed: test sources come after P PADs (probes whether the "
+                       "model keys its memory to the time step or to the symbols read)")
         p.add_argument("--test-size", type=int, default=None, help="test sequences per length")
 
     def build(self, cfg: Dict) -> nn.Module:
@@ -211,9 +214,13 @@ class CopyTask(Task):
         # Unpacked models read fixed-width sources, as the report's placeholders did: shorter
         # test sequences are padded to the training width.
         pad_to = 0 if cfg["packed"] else self._train_name(cfg)
+        if cfg["test_lead_pad"] and not cfg["packed"]:
+            raise ValueError("--test-lead-pad needs --packed")
         for length in (int(x) for x in str(cfg["test_lengths"]).split(",")):
             lengths = torch.full((cfg["test_size"],), length, dtype=torch.long)
-            batch = make_batch(gen, lengths, cfg["vocab"], pad_to, cfg["reverse_source"], device)
+            lead_pads = torch.full_like(lengths, cfg["test_lead_pad"]) if cfg["test_lead_pad"] else None
+            batch = make_batch(gen, lengths, cfg["vocab"], pad_to, cfg["reverse_source"], device,
+                               lead_pads=lead_pads)
             batch["packed"] = cfg["packed"]
             sets[f"test:{length}/{self._train_name(cfg)}"] = batch
         return sets

@@ -2,10 +2,12 @@
 a test sequence longer than the training length the model stops copying.
 
     python -m tasks.copy_positions runs/copy/NAME [--lengths 40,50,60] [--test-size 256]
+                                              [--lead-pad P]
 
 Reads the run's ``results.json`` (its config) and ``checkpoint.pt`` (its last weights), draws
 fresh test sequences of each length (seed ``--seed``), decodes greedily and writes
-``positions.png`` and ``positions.json`` into the run directory.
+``positions.png`` and ``positions.json`` into the run directory (``positions-leadpadP.*`` with
+``--lead-pad P``: the sources come after P PADs).
 """
 from __future__ import annotations
 
@@ -18,9 +20,12 @@ import torch
 from .copy import TASK
 
 
-def position_accuracy(run: Path, lengths, test_size: int = 256, seed: int = 1234):
-    """{length: [accuracy at output position 1, 2, ...]} for the run's last checkpoint."""
-    cfg = json.loads((run / "results.json").read_text())["config"]
+def position_accuracy(run: Path, lengths, test_size: int = 256, seed: int = 1234,
+                      lead_pad: int = 0):
+    """{length: [accuracy at output position 1, 2, ...]} for the run's last checkpoint;
+    ``lead_pad`` PADs come before each test source (packed runs only)."""
+    cfg = {**TASK.defaults, **json.loads((run / "results.json").read_text())["config"],
+           "test_lead_pad": lead_pad}
     model = TASK.build(cfg)
     model.load_state_dict(torch.load(run / "checkpoint.pt", weights_only=False)["model"])
     model.eval()
@@ -60,17 +65,20 @@ def main(argv=None):
     p.add_argument("--lengths", default="40,50,60", help="comma-separated test lengths")
     p.add_argument("--test-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--lead-pad", type=int, default=0, metavar="P",
+                   help="test sources come after P PADs (runs trained with --packed)")
     args = p.parse_args(argv)
     cfg, acc = position_accuracy(args.run, [int(x) for x in args.lengths.split(",")],
-                                 args.test_size, args.seed)
+                                 args.test_size, args.seed, args.lead_pad)
     for length, values in acc.items():
         blocks = [values[i:i + 10] for i in range(0, len(values), 10)]
         cells = "  ".join(f"{i * 10 + 1}-{i * 10 + len(b)}: {100 * sum(b) / len(b):5.1f} %"
                           for i, b in enumerate(blocks))
         print(f"length {length}: {cells}")
-    (args.run / "positions.json").write_text(json.dumps({str(k): v for k, v in acc.items()}))
-    plot(cfg, acc, args.run / "positions.png")
-    print(f"plot: {args.run / 'positions.png'}")
+    name = f"positions-leadpad{args.lead_pad}" if args.lead_pad else "positions"
+    (args.run / f"{name}.json").write_text(json.dumps({str(k): v for k, v in acc.items()}))
+    plot(cfg, acc, args.run / f"{name}.png")
+    print(f"plot: {args.run / name}.png")
     return acc
 
 

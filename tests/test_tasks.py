@@ -83,6 +83,10 @@ def test_copy_lead_pads_need_packed_sequences(tmp_path):
     batch = copy.TASK.sample(cfg, torch.Generator().manual_seed(0), "cpu")
     extra = batch["src_lengths"] - batch["lengths"]
     assert extra.min() >= 0 and extra.max() <= 3 and extra.max() > 0
+    (test,) = copy.TASK.test_sets({**cfg, "test_lead_pad": 5}, torch.Generator(), "cpu").values()
+    assert torch.equal(test["src_lengths"], test["lengths"] + 5)
+    with pytest.raises(ValueError, match="--packed"):
+        copy.TASK.test_sets({**cfg, "test_lead_pad": 5, "packed": False}, torch.Generator(), "cpu")
 
 
 def test_adder_batch_targets_are_the_sums(rng):
