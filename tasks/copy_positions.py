@@ -51,8 +51,10 @@ def plot(cfg, acc, path: Path) -> None:
     ax.axvline(cfg["length"] + 0.5, color="gray", ls="--", lw=1, label="longest training length")
     ax.axhline(100 / cfg["vocab"], color="gray", ls=":", lw=1, label="chance")
     ax.set(xlabel="output position", ylabel="greedy accuracy (%)", ylim=(0, 102),
-           title=f"copy, {cfg['cell']} {cfg['hidden']}, trained on lengths "
-                 f"{cfg['min_length'] or cfg['length']}-{cfg['length']}")
+           title=f"copy, {cfg['cell']} {cfg['hidden']}, {cfg['iters']} steps on lengths "
+                 f"{cfg['min_length'] or cfg['length']}-{cfg['length']}"
+                 + (", decoder reads GO" if cfg["decoder_input"] == "go" else "")
+                 + (f", test after {cfg['test_lead_pad']} PADs" if cfg["test_lead_pad"] else ""))
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
