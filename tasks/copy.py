@@ -140,8 +140,8 @@ class CopyTask(Task):
     name = "copy"
     description = __doc__
     defaults = dict(vocab=10, embed=100, length=20, min_length=None, pad_to=0, packed=False,
-                    reverse_source=False, lead_pad=0, shared_rnn=False,
-                    decoder_input="previous", test_lead_pad=0, test_lengths="10,20,30", test_size=256)
+                    reverse_source=False, lead_pad=0, shared_rnn=False, decoder_input="previous",
+                    test_lengths="10,20,30", test_lead_pad=0, test_size=256)
     presets = PRESETS
     default_preset = "default"
     epoch_iters = 500
@@ -218,7 +218,8 @@ class CopyTask(Task):
             raise ValueError("--test-lead-pad needs --packed")
         for length in (int(x) for x in str(cfg["test_lengths"]).split(",")):
             lengths = torch.full((cfg["test_size"],), length, dtype=torch.long)
-            lead_pads = torch.full_like(lengths, cfg["test_lead_pad"]) if cfg["test_lead_pad"] else None
+            lead_pads = (torch.full_like(lengths, cfg["test_lead_pad"])
+                         if cfg["test_lead_pad"] else None)
             batch = make_batch(gen, lengths, cfg["vocab"], pad_to, cfg["reverse_source"], device,
                                lead_pads=lead_pads)
             batch["packed"] = cfg["packed"]

@@ -91,7 +91,7 @@ def make_rnn(cfg: Dict, input_size: int) -> nn.Module:
 
 def chrono_init_(rnn: nn.Module, t_max: float) -> None:
     """Tallec & Ollivier's chrono initialisation (ICLR 2018): gate biases that give each unit
-    a memory time scale drawn log-uniformly from [1, t_max - 1].
+    a memory time scale drawn uniformly from [1, t_max - 1] (the bias is its log).
 
     LSTM: forget bias log(U(1, t_max - 1)) and input bias its negative. GRU: the update gate
     (the share of the old state kept) gets the forget bias. The ``bias_hh`` halves are zeroed
