@@ -8,7 +8,7 @@ and direction.
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -21,12 +21,15 @@ from .cells import CELLS, cell_for_mode
 from .functional import rnn_layer
 
 
-def _check_device(module_name: str, x: Tensor, weight: Tensor, states: List[Tensor]) -> None:
-    for t in (x, *states):
-        if t.device != weight.device:
-            raise RuntimeError(
-                f"{module_name}: input and parameter tensors are not on the same device, found "
-                f"a tensor on {t.device} and parameters on {weight.device}")
+def _check_devices(x: Tensor, weight: Tensor, states: List[Tensor]) -> None:
+    """torch.nn's device checks, in its words (code and tests match on them)."""
+    if x.device != weight.device:
+        raise RuntimeError("Input and parameter tensors are not at the same device, found input "
+                           f"tensor at {x.device} and parameter tensor at {weight.device}")
+    for s in states:
+        if s.device != x.device:
+            raise RuntimeError("Input and hidden tensors are not at the same device, found "
+                               f"input tensor at {x.device} and hidden tensor at {s.device}")
 
 
 def _check_state_dtype(module_name: str, x: Tensor, states: List[Tensor]) -> None:
@@ -34,6 +37,37 @@ def _check_state_dtype(module_name: str, x: Tensor, states: List[Tensor]) -> Non
         if s.dtype != x.dtype:
             raise RuntimeError(f"{module_name}: hidden state dtype ({s.dtype}) does not match "
                                f"input dtype ({x.dtype})")
+
+
+def _step_counts(batch_sizes: Tensor, rows: int) -> Tensor:
+    """A PackedSequence's per-step row counts, checked so that no backend ever reads past its
+    rows: 1-D int64, non-negative, non-increasing, summing to at most ``rows`` (torch.nn
+    ignores rows past the sum; so do we). The exception classes are torch.nn's where it raises
+    at all (its own checks are accidental: an IndexError from ``batch_sizes[0]``, a TypeError
+    from ``torch.zeros``, a RuntimeError from C++)."""
+    first = batch_sizes[0]  # IndexError for an empty or 0-d tensor, as torch.nn
+    if first.numel() != 1 or first.is_floating_point() or first.is_complex():
+        raise TypeError(f"batch_sizes must be a 1-D tensor of integer step counts, got shape "
+                        f"{tuple(batch_sizes.shape)} and dtype {batch_sizes.dtype}")
+    if batch_sizes.dtype != torch.int64:
+        raise RuntimeError(f"batch_sizes must be int64 (expected scalar type Long but found "
+                           f"{batch_sizes.dtype})")
+    counts = batch_sizes.reshape(-1)
+    if bool((counts < 0).any()) or bool((counts[1:] > counts[:-1]).any()):
+        raise RuntimeError(f"batch_sizes must be non-negative and non-increasing, got "
+                           f"{counts.tolist()}")
+    total = int(counts.sum())
+    if total > rows:
+        raise RuntimeError(f"batch_sizes sum to {total} but the packed data has {rows} rows")
+    return counts
+
+
+class _Layout(NamedTuple):
+    """How the caller's input was laid out, to give the output back the same way."""
+    packed: Optional[PackedSequence]  # the input, when it was one
+    is_batched: bool
+    steps: int
+    batch: int
 
 
 class _BackendArg:
@@ -48,7 +82,10 @@ class _BackendArg:
 
 
 class _FusedRNNMixin(_BackendArg):
-    """forward() for LSTM, GRU and RNN; the torch.nn base class provides everything else."""
+    """forward() for LSTM, GRU and RNN; the torch.nn base class provides everything else.
+
+    The input forms, the hidden-state checks and their order follow torch.nn's ``forward``,
+    so that a bad input raises what torch.nn raises."""
 
     def _layer_weights(self, layer: int, direction: int):
         sfx = f"_l{layer}" + ("_reverse" if direction else "")
@@ -57,101 +94,107 @@ class _FusedRNNMixin(_BackendArg):
                 get("weight_hr") if self.proj_size > 0 else None)
 
     def forward(self, input, hx=None):
-        name = type(self).__name__
+        rows, batch_sizes, layout = self._time_major_rows(input)
+        states = self._initial_states(hx, rows, batch_sizes, layout)
+        output, hidden = self._run_layers(rows, batch_sizes, states)
+        return self._in_callers_layout(output, hidden, layout)
+
+    def _time_major_rows(self, input):
+        """``(rows [sum(batch_sizes), I], batch_sizes [T] int64, layout)``."""
+        if isinstance(input, PackedSequence):
+            x = input.data
+            counts = _step_counts(input.batch_sizes, x.shape[0] if x.dim() else 0)
+            steps = counts.numel()
+            if x.dim() == 2:  # else check_forward_args names the rank
+                x = x[:int(counts.sum())].contiguous()
+            return x, counts, _Layout(input, True, steps, int(counts[0]))
+        if input.dim() not in (2, 3):
+            raise ValueError(f"{type(self).__name__}: Expected input to be 2D or 3D, got "
+                             f"{input.dim()}D instead")
+        is_batched = input.dim() == 3
+        x = input if is_batched else input.unsqueeze(0 if self.batch_first else 1)
+        if self.batch_first:
+            x = x.transpose(0, 1)  # [T, B, I]
+        steps, batch = x.shape[0], x.shape[1]
+        batch_sizes = torch.full((steps,), batch, dtype=torch.int64)
+        return x, batch_sizes, _Layout(None, is_batched, steps, batch)
+
+    def _initial_states(self, hx, x, batch_sizes, layout) -> List[Tensor]:
+        """[h0] or [h0, c0], each ``[layers * directions, B, H]``, in sorted batch order."""
         is_lstm = self.mode == "LSTM"
-        cell = cell_for_mode(self.mode)
-        num_directions = 2 if self.bidirectional else 1
+        directions = 2 if self.bidirectional else 1
         out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
-
-        packed = isinstance(input, PackedSequence)
-        if packed:
-            x, batch_sizes, sorted_indices, unsorted_indices = input
-            is_batched = True
-            if not x.is_contiguous():
-                raise ValueError(f"{name}: PackedSequence data must be contiguous")
-        else:
-            if not isinstance(input, Tensor):
-                raise TypeError(f"{name}: expected a Tensor or PackedSequence input, "
-                                f"got {type(input).__name__}")
-            if input.dim() not in (2, 3):
-                raise ValueError(f"{name}: Expected input to be 2D or 3D, got {input.dim()}D instead")
-            is_batched = input.dim() == 3
-            batch_dim = 0 if self.batch_first else 1
-            x = input if is_batched else input.unsqueeze(batch_dim)
-            batch_sizes = sorted_indices = unsorted_indices = None
-        batch = int(batch_sizes[0]) if packed else x.size(0 if self.batch_first else 1)
-
+        shape = (self.num_layers * directions, layout.batch)
+        # check_forward_args reads the rank, the feature size and the batch of the input
+        # torch.nn would see: time-major rows for packed input, [T, B, I] (batch_first=False)
+        # otherwise
+        probe = x if layout.packed is not None else (x.transpose(0, 1) if self.batch_first else x)
         if hx is None:
-            shape = (self.num_layers * num_directions, batch)
             h0 = torch.zeros(*shape, out_size, dtype=x.dtype, device=x.device)
             hx = (h0, torch.zeros(*shape, self.hidden_size, dtype=x.dtype, device=x.device)) \
                 if is_lstm else h0
-            self.check_forward_args(x, hx, batch_sizes)
+        elif layout.packed is not None:
+            # checked before permuting too: a clear message instead of index_select's
+            self.check_forward_args(probe, hx, batch_sizes)
+            hx = self.permute_hidden(hx, layout.packed.sorted_indices)
         else:
-            states = list(hx) if is_lstm else [hx]
-            if is_lstm and len(states) != 2:
-                raise RuntimeError(f"{name}: hx must be a tuple (h_0, c_0)")
-            for s in states:
-                if not isinstance(s, Tensor):
-                    raise TypeError(f"{name}: hidden states must be Tensors, got {type(s).__name__}")
-            want = 3 if is_batched else 2
+            states = (hx[0], hx[1]) if is_lstm else (hx,)
+            want = 3 if layout.is_batched else 2
             if any(s.dim() != want for s in states):
-                kind = "batched 3-D" if is_batched else "unbatched 2-D"
+                kind = "batched 3-D" if layout.is_batched else "unbatched 2-D"
                 raise RuntimeError(f"For {kind} input, hx should also be {want}-D but got "
                                    f"{tuple(s.dim() for s in states)}-D tensors")
-            if not is_batched:
-                states = [s.unsqueeze(1) for s in states]
-            hx = tuple(states) if is_lstm else states[0]
-            self.check_forward_args(x, hx, batch_sizes)  # before permuting: a clear shape error
-            # Each batch of the hidden state should match the input sequence the user passed.
-            hx = self.permute_hidden(hx, sorted_indices)
+            if not layout.is_batched:  # (an LSTM's extra states dropped, as torch.nn does)
+                hx = tuple(s.unsqueeze(1) for s in states) if is_lstm else states[0].unsqueeze(1)
+        if is_lstm and len(hx) != 2:
+            raise RuntimeError(f"LSTM: hx must be a pair (h_0, c_0), got {len(hx)} tensors")
+        self.check_forward_args(probe, hx, batch_sizes if layout.packed is not None else None)
         states = list(hx) if is_lstm else [hx]
-        _check_device(name, x, self.weight_ih_l0, states)
-        _check_state_dtype(name, x, states)
+        _check_devices(x, self.weight_ih_l0, states)
+        _check_state_dtype(type(self).__name__, x, states)
+        return states
 
-        if packed:
-            rows = x
-        else:
-            if x.size(1 if self.batch_first else 0) == 0:
-                raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
-            x = x.transpose(0, 1) if self.batch_first else x  # [T, B, I]
-            steps = x.size(0)
-            rows = x.reshape(steps * batch, x.size(2))
-            batch_sizes = torch.full((steps,), batch, dtype=torch.int64)
-        if batch_sizes.device.type != "cpu":
-            raise ValueError(f"{name}: batch_sizes must be a CPU tensor")
-
+    def _run_layers(self, x, batch_sizes, states):
+        """Every layer and direction through ``functional.rnn_layer``; returns the last
+        layer's rows and ``[h_n]`` or ``[h_n, c_n]``."""
+        if batch_sizes.numel() == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        cell = cell_for_mode(self.mode)
+        directions = 2 if self.bidirectional else 1
         h_all = states[0]
-        c_all = states[1] if is_lstm else None
+        c_all = states[1] if cell.has_cell_state else None
+        layer_input = x.reshape(-1, x.shape[-1])  # time-major rows
         h_n, c_n = [], []
-        layer_input = rows
         for layer in range(self.num_layers):
             outputs = []
-            for direction in range(num_directions):
-                k = layer * num_directions + direction
+            for direction in range(directions):
+                k = layer * directions + direction
                 y, h, c = rnn_layer(cell, layer_input, batch_sizes, h_all[k],
-                                    c_all[k] if is_lstm else None,
+                                    c_all[k] if c_all is not None else None,
                                     *self._layer_weights(layer, direction),
                                     reverse=direction == 1, backend=self.backend)
                 outputs.append(y)
                 h_n.append(h)
                 c_n.append(c)
-            layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, dim=1)
+            layer_input = outputs[0] if directions == 1 else torch.cat(outputs, dim=1)
             if self.dropout and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, self.dropout, training=True)
+        hidden = [torch.stack(h_n)] + ([torch.stack(c_n)] if c_all is not None else [])
+        return layer_input, hidden
 
-        hidden = torch.stack(h_n)
-        if is_lstm:
-            hidden = (hidden, torch.stack(c_n))
-        if packed:
-            output = PackedSequence(layer_input, batch_sizes, sorted_indices, unsorted_indices)
-            return output, self.permute_hidden(hidden, unsorted_indices)
-        output = layer_input.view(steps, batch, layer_input.size(-1))
+    def _in_callers_layout(self, output, hidden, layout):
+        hidden = tuple(hidden) if self.mode == "LSTM" else hidden[0]
+        if layout.packed is not None:
+            p = layout.packed
+            return (PackedSequence(output, p.batch_sizes, p.sorted_indices, p.unsorted_indices),
+                    self.permute_hidden(hidden, p.unsorted_indices))
+        output = output.view(layout.steps, layout.batch, output.shape[-1])
         if self.batch_first:
             output = output.transpose(0, 1)
-        if not is_batched:
-            output = output.squeeze(batch_dim)
-            hidden = tuple(s.squeeze(1) for s in hidden) if is_lstm else hidden.squeeze(1)
+        if not layout.is_batched:
+            output = output.squeeze(0 if self.batch_first else 1)
+            hidden = tuple(s.squeeze(1) for s in hidden) if self.mode == "LSTM" \
+                else hidden.squeeze(1)
         return output, hidden
 
 
@@ -180,51 +223,57 @@ class _FusedCellMixin(_BackendArg):
         return CELLS["rnn_" + self.nonlinearity]
 
     def forward(self, input: Tensor, hx=None):
+        """torch.nn's checks in torch.nn's order (its C++ ones as RuntimeErrors), then a
+        length-1 sequence through ``functional.rnn_layer``."""
         name = type(self).__name__
         cell = self._cell()
-        if not isinstance(input, Tensor):
-            raise TypeError(f"{name}: expected a Tensor input, got {type(input).__name__}")
+        lstm = cell.has_cell_state
         if input.dim() not in (1, 2):
             raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        states = None if hx is None else (tuple(hx) if lstm else (hx,))
+        for idx, s in enumerate(states or ()):
+            if s.dim() not in (1, 2):
+                what = f"hx[{idx}]" if lstm else "hidden"
+                raise ValueError(f"{name}: Expected {what} to be 1D or 2D, got {s.dim()}D instead")
         is_batched = input.dim() == 2
         x = input if is_batched else input.unsqueeze(0)
-        if x.size(1) != self.input_size:
-            raise RuntimeError(f"{name}: input has inconsistent input_size: got {x.size(1)} "
-                               f"expected {self.input_size}")
+        batch = x.size(0)
+        if states is None:
+            zeros = torch.zeros(batch, self.hidden_size, dtype=x.dtype, device=x.device)
+            states = (zeros, zeros) if lstm else (zeros,)
+        elif not is_batched:  # (an LSTMCell's extra states dropped, as torch.nn does)
+            states = tuple(s.unsqueeze(0) for s in states[:2])
+        if len(states) != (2 if lstm else 1):
+            raise RuntimeError(f"{name}: hx must be a pair (h_0, c_0), got {len(states)} tensors")
+        if x.size(1) != self.input_size:  # torch.nn's C++ checks, in its words
+            raise RuntimeError(f"input has inconsistent input_size: got {x.size(1)} expected "
+                               f"{self.input_size}")
+        for i, s in enumerate(states):
+            if s.dim() != 2:  # torch.nn crashes here (unbatched input, 2-D hx)
+                raise RuntimeError(f"{name}: unbatched input needs 1-D hidden states, got a "
+                                   f"{s.dim() - 1}-D hidden{i}")
+            if s.size(0) != batch:
+                raise RuntimeError(f"Input batch size {batch} doesn't match hidden{i} batch size "
+                                   f"{s.size(0)}")
+            if s.size(1) != self.hidden_size:
+                raise RuntimeError(f"hidden{i} has inconsistent hidden_size: got {s.size(1)}, "
+                                   f"expected {self.hidden_size}")
         if x.dtype != self.weight_ih.dtype:
             raise RuntimeError(f"{name}: input dtype ({x.dtype}) does not match weight dtype "
                                f"({self.weight_ih.dtype})")
-        batch = x.size(0)
-        if hx is None:
-            zeros = torch.zeros(batch, self.hidden_size, dtype=x.dtype, device=x.device)
-            states = [zeros, zeros] if cell.has_cell_state else [zeros]
-        else:
-            states = list(hx) if cell.has_cell_state else [hx]
-            if cell.has_cell_state and len(states) != 2:
-                raise RuntimeError(f"{name}: hx must be a tuple (h_0, c_0)")
-            for idx, s in enumerate(states):
-                if not isinstance(s, Tensor):
-                    raise TypeError(f"{name}: hidden states must be Tensors, got {type(s).__name__}")
-                if s.dim() not in (1, 2):
-                    raise ValueError(f"{name}: Expected hx[{idx}] to be 1D or 2D, got {s.dim()}D instead")
-                if (s.dim() == 2) != is_batched:
-                    raise RuntimeError(f"{name}: batched input needs batched (2-D) hidden states "
-                                       f"and unbatched input 1-D ones")
-            states = [s if is_batched else s.unsqueeze(0) for s in states]
-            for s in states:
-                if tuple(s.shape) != (batch, self.hidden_size):
-                    raise RuntimeError(f"{name}: Expected hidden size {(batch, self.hidden_size)}, "
-                                       f"got {tuple(s.shape)}")
-        _check_device(name, x, self.weight_ih, states)
+        for t in (self.weight_ih, *states):
+            if t.device != x.device:  # torch.nn's words
+                raise RuntimeError(f"Tensor on device {t.device} is not on the expected device "
+                                   f"{x.device}!")
         _check_state_dtype(name, x, states)
         batch_sizes = torch.tensor([batch], dtype=torch.int64)
-        _, h, c = rnn_layer(cell, x, batch_sizes, states[0], states[1] if cell.has_cell_state else None,
+        _, h, c = rnn_layer(cell, x, batch_sizes, states[0], states[1] if lstm else None,
                             self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, None,
                             reverse=False, backend=self.backend)
         if not is_batched:
             h = h.squeeze(0)
             c = c.squeeze(0) if c is not None else None
-        return (h, c) if cell.has_cell_state else h
+        return (h, c) if lstm else h
 
 
 class LSTMCell(_FusedCellMixin, nn.LSTMCell):

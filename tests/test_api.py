@@ -370,13 +370,3 @@ def test_empty_batch_and_empty_sequence(cell):
     for module in (ref, fused):
         with pytest.raises(RuntimeError, match="sequence length"):
             module(torch.randn(0, 2, 5))
-
-
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "reference"])
-def test_double_backward_is_refused_not_wrong(backend):
-    """Kernel backends have no second derivative: asking for one must raise, never give zeros."""
-    _, fused = make_pair("gru", 1, False, False, True, 0, torch.float64, backend=backend)
-    x = torch.randn(4, 2, 5, dtype=torch.float64, requires_grad=True)
-    (gx,) = torch.autograd.grad(fused(x)[0].pow(2).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError):
-        torch.autograd.grad(gx.pow(2).sum(), x)

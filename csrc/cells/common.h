@@ -35,11 +35,15 @@ struct Math;
 template <>
 struct Math<float> {
   FUSEDRNN_HOST_DEVICE static float exp(float x) {
-    // exp(x) = 2^n * exp(r), n = round(x / ln2), |r| <= ln2/2; the clamp keeps 2^n a normal float.
-    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    // exp(x) = 2^n * exp(r), n = round(x / ln2), |r| <= ln2/2, computed on x clamped so that
+    // 2^n is a normal float; past the ends the result is what expf gives: +inf above
+    // ln(FLT_MAX), 0 below the normal range (expf's subnormals flushed), and NaN stays NaN.
+    // Exact 0 and inf matter: sigmoid(-inf) must be 0, not 1e-38, for 0 * inf to give
+    // torch.nn's NaN in the gradients.
+    const float xc = x < -87.3f ? -87.3f : (x < 88.3f ? x : 88.3f);  // NaN -> 88.3: no NaN cast
     const float round_magic = 12582912.0f;  // 1.5 * 2^23: (v + m) - m rounds v to nearest
-    float n = (x * 1.44269504088896341f + round_magic) - round_magic;
-    float r = x - n * 0.693359375f;
+    float n = (xc * 1.44269504088896341f + round_magic) - round_magic;
+    float r = xc - n * 0.693359375f;
     r = r + n * 2.12194440e-4f;
     float p = 1.9875691500e-4f;
     p = p * r + 1.3981999507e-3f;
@@ -48,7 +52,8 @@ struct Math<float> {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    return p * bits_to_float((static_cast<int32_t>(n) + 127) << 23);
+    const float e = p * bits_to_float((static_cast<int32_t>(n) + 127) << 23);
+    return x > 88.7228f ? bits_to_float(0x7f800000) : (x < -87.3f ? 0.0f : (x == x ? e : x));
   }
   FUSEDRNN_HOST_DEVICE static float sigmoid(float x) { return 1.0f / (1.0f + exp(-x)); }
   FUSEDRNN_HOST_DEVICE static float tanh(float x) {
@@ -63,7 +68,8 @@ struct Math<float> {
     float large = 1.0f - 2.0f / (exp(2.0f * x) + 1.0f);
     return z < 0.390625f ? small : large;  // |x| < 0.625
   }
-  FUSEDRNN_HOST_DEVICE static float relu(float x) { return x > 0.0f ? x : 0.0f; }
+  // NaN passes through, as in torch.relu.
+  FUSEDRNN_HOST_DEVICE static float relu(float x) { return x < 0.0f ? 0.0f : x; }
 };
 
 template <>
@@ -71,7 +77,7 @@ struct Math<double> {
   FUSEDRNN_HOST_DEVICE static double exp(double x) { return ::exp(x); }
   FUSEDRNN_HOST_DEVICE static double sigmoid(double x) { return 1.0 / (1.0 + ::exp(-x)); }
   FUSEDRNN_HOST_DEVICE static double tanh(double x) { return ::tanh(x); }
-  FUSEDRNN_HOST_DEVICE static double relu(double x) { return x > 0.0 ? x : 0.0; }
+  FUSEDRNN_HOST_DEVICE static double relu(double x) { return x < 0.0 ? 0.0 : x; }
 };
 
 }  // namespace cells

@@ -29,7 +29,8 @@ struct RNN {
   FUSEDRNN_HOST_DEVICE static T backward(const T* save, int64_t /*H*/, int64_t j, T /*h_prev*/,
                                          T /*c_prev*/, T dh, T& /*dc*/, T* dxg, T* /*dhg*/) {
     const T h = save[j];
-    dxg[j] = kRelu ? (h > T(0) ? dh : T(0)) : dh * (T(1) - h * h);
+    // relu: torch's threshold_backward (h <= 0 ? 0 : dh), so a NaN h passes dh on
+    dxg[j] = kRelu ? (h <= T(0) ? T(0) : dh) : dh * (T(1) - h * h);
     return T(0);
   }
 };

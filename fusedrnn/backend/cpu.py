@@ -10,10 +10,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch.autograd.function import once_differentiable
-
 from ..cells import CELLS
 from .base import Backend
+from .reference import run_layer
+from .transforms import (differentiable_vjp, eager_class, needs_differentiable_backward,
+                         reference_jvp, under_transform, vmap_by_loop)
 
 _DTYPES = (torch.float32, torch.float64)
 
@@ -31,25 +32,47 @@ def _forward(cell_name, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, re
                                                b_hh, w_hr, reverse, train)
 
 
+def _reference(cell_name, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
+    """The same layer in the reference's torch ops: the source of every derivative the fused
+    backward does not give (backend/transforms.py)."""
+    return run_layer(CELLS[cell_name], x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
+                     reverse)
+
+
 class _Layer(torch.autograd.Function):
-    """x -> (y, h_n, c_n). With ``w_ih`` None, x is already the projection xp (``sequence``)."""
+    """(cell_name, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse) ->
+    (y, h_n, c_n, *saved). With ``w_ih`` None, x is already the projection xp (``sequence``).
+    ``saved`` are the activations the fused backward reads (outputs, so that ``setup_context``
+    can keep them; not differentiable)."""
 
     @staticmethod
-    def forward(ctx, cell_name, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
+    def forward(cell_name, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
         y, h_n, c_n, *saved = _forward(cell_name, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
                                        w_hr, reverse, True)
-        ctx.cell_name, ctx.reverse, ctx.has_c = cell_name, reverse, c0 is not None
-        ctx.save_for_backward(x, batch_sizes, w_ih, w_hh, w_hr, *saved)
-        return y, h_n, (c_n if c0 is not None else None)
+        return (y, h_n, c_n if c0 is not None else None, *saved)
 
     @staticmethod
-    @once_differentiable  # the C++ ops have no derivative of their own: refuse double backward
-    def backward(ctx, grad_y, grad_hn, grad_cn):
-        x, batch_sizes, w_ih, w_hh, w_hr, *saved = ctx.saved_tensors
-        has_c = ctx.has_c
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(*output[3:])
+        ctx.set_materialize_grads(False)  # no zeros for the saved activations' gradients
+        ctx.cell_name, ctx.reverse = inputs[0], inputs[-1]
+        ctx.save_for_backward(*inputs[1:-1], *output[3:])
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_hn, grad_cn, *_):
+        x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, *saved = ctx.saved_tensors
+        has_c = c0 is not None
+        if needs_differentiable_backward((grad_y, grad_hn, grad_cn)):
+            inputs = (ctx.cell_name, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
+                      ctx.reverse)
+            return tuple(differentiable_vjp(_reference, inputs, (grad_y, grad_hn, grad_cn)))
+        grad_y = x.new_zeros(x.shape[0], h0.shape[1]) if grad_y is None else grad_y.contiguous()
+        grad_hn = torch.zeros_like(h0) if grad_hn is None else grad_hn.contiguous()
+        if has_c:
+            grad_cn = torch.zeros_like(c0) if grad_cn is None else grad_cn.contiguous()
         dxp, dh0, dc0, dw_hh, db_hh, dw_hr, db_ih = torch.ops.fusedrnn.sequence_backward(
-            ctx.cell_name, batch_sizes, w_hh, w_hr, ctx.reverse, saved, grad_y.contiguous(),
-            grad_hn.contiguous(), grad_cn.contiguous() if has_c else None)
+            ctx.cell_name, batch_sizes, w_hh, w_hr, ctx.reverse, saved, grad_y, grad_hn,
+            grad_cn if has_c else None)
         need = ctx.needs_input_grad
         if w_ih is None:
             dx, dw_ih = dxp, None
@@ -60,16 +83,41 @@ class _Layer(torch.autograd.Function):
                 db_ih if need[7] else None, db_hh if need[8] else None,
                 dw_hr if w_hr is not None else None, None)
 
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return vmap_by_loop(_function().apply, info, in_dims, args)
+
+
+class _LayerForwardAD(_Layer):
+    """_Layer with forward-mode derivatives (torch.func.jvp, jacfwd), from the reference."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _Layer.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*inputs[1:-1])
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        inputs = (ctx.cell_name, *ctx.saved_tensors[:9], ctx.reverse)
+        y, h_n, c_n = reference_jvp(_reference, inputs, tangents)
+        return (y, h_n, c_n, *[None] * 4)
+
+
+def _function():
+    return eager_class(_Layer, _LayerForwardAD)
+
 
 def _contiguous(*tensors):
     return [t.contiguous() if t is not None else None for t in tensors]
 
 
 def _run(cell_name, *args):
-    """Autograd only when a gradient can flow: inference (no_grad, or nothing requiring grad)
-    calls the op directly, with no saves and no autograd node."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:-1]):
-        return _Layer.apply(cell_name, *args)
+    """Autograd only when a gradient can flow or torch.func transforms the call: inference
+    (no_grad, or nothing requiring grad) calls the op directly, with no saves and no node."""
+    tensors = args[:-1]
+    if (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)) \
+            or under_transform(tensors):
+        return _function().apply(cell_name, *args)[:3]
     y, h_n, c_n = _forward(cell_name, *args, False)[:3]
     return y, h_n, (c_n if args[3] is not None else None)
 

@@ -27,6 +27,15 @@ def run_sequence(cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse):
     return torch.cat(ys), h, c
 
 
+def run_layer(cell, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
+    """``Backend.layer`` in plain torch ops; with ``w_ih`` None, x is already the projection.
+
+    The kernel backends differentiate this for everything their fused backward does not
+    cover (see ``backend/transforms.py``)."""
+    xp = x if w_ih is None else F.linear(x, w_ih, b_ih)
+    return run_sequence(cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse)
+
+
 class ReferenceBackend(Backend):
     name = "reference"
 

@@ -13,9 +13,10 @@ import os
 from typing import List, Optional
 
 import torch
-from torch.autograd.function import once_differentiable
-
 from .base import Backend, step_rows
+from .reference import run_sequence
+from .transforms import (differentiable_vjp, eager_class, needs_differentiable_backward,
+                         reference_jvp, under_transform, vmap_by_loop)
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -67,29 +68,40 @@ def _h_prev_rows(sizes: List[int], offsets: List[int], reverse: bool, device) ->
     return torch.cat(parts).to(device)
 
 
+def _reference(path, cell, batch_sizes, reverse, save, xp, h0, c0, w_hh, b_hh, w_hr):
+    """The same sequence in the reference's torch ops: the source of every derivative the
+    fused backward does not give (backend/transforms.py)."""
+    return run_sequence(cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse)
+
+
 class _Sequence(torch.autograd.Function):
-    """Shared autograd wrapper; ``path`` runs the forward and backward loops."""
+    """(path, cell, batch_sizes, reverse, save, xp, h0, c0, w_hh, b_hh, w_hr) ->
+    (y, h_n, c_n, *saved); ``path`` runs the forward and backward loops, ``saved`` is what its
+    backward reads (outputs, so that ``setup_context`` can keep them; not differentiable)."""
 
     @staticmethod
-    def forward(ctx, path, cell, batch_sizes, reverse, save, xp, h0, c0, w_hh, b_hh, w_hr):
+    def forward(path, cell, batch_sizes, reverse, save, xp, h0, c0, w_hh, b_hh, w_hr):
         sizes, offsets = step_rows(batch_sizes)
-        xp, h0, w_hh = xp.contiguous(), h0.contiguous(), w_hh.contiguous()
-        c0 = c0.contiguous() if c0 is not None else None
-        w_hr = w_hr.contiguous() if w_hr is not None else None
         y, h_n, c_n, saved = path.forward_loop(cell, sizes, offsets, reverse, xp, h0, c0,
                                                w_hh, b_hh, w_hr, save)
-        ctx.path, ctx.cell, ctx.reverse, ctx.steps = path, cell, reverse, (sizes, offsets)
-        ctx.has_bias = b_hh is not None
-        ctx.save_for_backward(xp, h0, c0, w_hh, w_hr, y, *saved)
-        if c_n is None:
-            return y, h_n
-        return y, h_n, c_n
+        return (y, h_n, c_n, *saved)
 
     @staticmethod
-    @once_differentiable  # the kernels have no derivative of their own: refuse double backward
-    def backward(ctx, dy, dh_n, dc_n=None):
-        xp, h0, c0, w_hh, w_hr, y, *saved = ctx.saved_tensors
-        sizes, offsets = ctx.steps
+    def setup_context(ctx, inputs, output):
+        path, cell, batch_sizes, reverse, _, *tensors = inputs
+        ctx.mark_non_differentiable(*output[3:])
+        ctx.set_materialize_grads(False)  # no zeros for the saved activations' gradients
+        ctx.path, ctx.cell, ctx.reverse, ctx.outputs = path, cell, reverse, len(output)
+        ctx.save_for_backward(batch_sizes, *tensors, output[0], *output[3:])
+
+    @staticmethod
+    def backward(ctx, dy, dh_n, dc_n, *_):
+        batch_sizes, xp, h0, c0, w_hh, b_hh, w_hr, y, *saved = ctx.saved_tensors
+        if needs_differentiable_backward((dy, dh_n, dc_n)):
+            inputs = (ctx.path, ctx.cell, batch_sizes, ctx.reverse, True, xp, h0, c0, w_hh,
+                      b_hh, w_hr)
+            return tuple(differentiable_vjp(_reference, inputs, (dy, dh_n, dc_n)))
+        sizes, offsets = step_rows(batch_sizes)
         # the kernels index row-major: incoming gradients may be any strided view
         dy = torch.zeros_like(y) if dy is None else dy.contiguous()
         dh_n = torch.zeros_like(h0) if dh_n is None else dh_n.contiguous()
@@ -100,8 +112,31 @@ class _Sequence(torch.autograd.Function):
             dh_n, dc_n)
         h_prev = torch.cat([h0, y])[_h_prev_rows(sizes, offsets, ctx.reverse, y.device)]
         d_w_hh = dhg.t().mm(h_prev)
-        d_b_hh = dhg.sum(0) if ctx.has_bias else None
+        d_b_hh = dhg.sum(0) if b_hh is not None else None
         return None, None, None, None, None, dxp, dh0, dc0, d_w_hh, d_b_hh, d_w_hr
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return vmap_by_loop(_function().apply, info, in_dims, args)
+
+
+class _SequenceForwardAD(_Sequence):
+    """_Sequence with forward-mode derivatives (torch.func.jvp, jacfwd), from the reference."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _Sequence.setup_context(ctx, inputs, output)
+        ctx.save_for_forward(inputs[2], *inputs[5:])
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        batch_sizes, *tensors = ctx.saved_tensors
+        inputs = (ctx.path, ctx.cell, batch_sizes, ctx.reverse, True, *tensors)
+        return (*reference_jvp(_reference, inputs, tangents), *[None] * (ctx.outputs - 3))
+
+
+def _function():
+    return eager_class(_Sequence, _SequenceForwardAD)
 
 
 class _TritonBackend(Backend):
@@ -122,11 +157,11 @@ class _TritonBackend(Backend):
         return None
 
     def sequence(self, cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse):
-        tensors = (xp, h0, c0, w_hh, b_hh, w_hr)
+        tensors = [t.contiguous() if t is not None else None for t in (xp, h0, c0, w_hh, b_hh, w_hr)]
         # inference (no_grad, or nothing requiring grad) skips writing what backward reads
-        save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-        outs = _Sequence.apply(self, cell, batch_sizes, reverse, save, *tensors)
-        return outs if cell.has_cell_state else (*outs, None)
+        save = (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)) \
+            or under_transform(tensors)
+        return _function().apply(self, cell, batch_sizes, reverse, save, *tensors)[:3]
 
 
 class AlternatingBackend(_TritonBackend):

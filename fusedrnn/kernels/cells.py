@@ -29,6 +29,12 @@ def tanh(x):
 
 
 @triton.jit
+def relu(x):
+    """NaN passes through, as in torch.relu (tl.maximum would drop it)."""
+    return tl.where(x < 0.0, 0.0, x)
+
+
+@triton.jit
 def lstm_fwd(x0, x1, x2, x3, g0, g1, g2, g3, c):
     i = sigmoid(x0 + g0)
     f = sigmoid(x1 + g1)
@@ -86,7 +92,7 @@ def cell_fwd(CELL: tl.constexpr, x0, x1, x2, x3, g0, g1, g2, g3, h, c):
         h_new = tanh(x0 + g0)
         c_new = c
     else:
-        h_new = tl.maximum(x0 + g0, 0.0)
+        h_new = relu(x0 + g0)
         c_new = c
     return h_new, c_new
 
@@ -110,7 +116,7 @@ def cell_bwd(CELL: tl.constexpr, x0, x1, x2, x3, g0, g1, g2, g3, h, c, dh, dc):
         d0 = dh * (1.0 - t * t)
         d1, d2, d3, e0, e1, e2, e3, dh_direct, dc_prev = zero, zero, zero, d0, zero, zero, zero, zero, dc
     else:
-        d0 = tl.where(x0 + g0 > 0.0, dh, 0.0)
+        d0 = tl.where(relu(x0 + g0) <= 0.0, 0.0, dh)  # torch: NaN passes dh on
         d1, d2, d3, e0, e1, e2, e3, dh_direct, dc_prev = zero, zero, zero, d0, zero, zero, zero, zero, dc
     return d0, d1, d2, d3, e0, e1, e2, e3, dh_direct, dc_prev
 

@@ -2,8 +2,8 @@
 
 Each program owns BB batch rows for every step. It loads W_hh once, as G gate tiles of
 ``[HP, HP]`` (HP = H rounded up to a power of two, zero padded), keeps them and the h / c
-state on chip across steps, and streams in each step's slice of the hoisted input
-projection. Batch tiles never exchange data, so there is no grid-wide barrier and the
+state on chip across steps (their padded columns held at 0), and streams in each step's
+slice of the hoisted input projection. Batch tiles never exchange data, so there is no grid-wide barrier and the
 kernel also runs (sequentially) in the interpreter. Rows at or past a step's active count
 keep their state (``tl.where``), which handles packed sequences in either direction.
 
@@ -85,8 +85,7 @@ def sequence_fwd_kernel(xp_ptr, sizes_ptr, offsets_ptr, T, h0_ptr, c0_ptr, w_ptr
             t = s
         n = tl.load(sizes_ptr + t)
         off = tl.load(offsets_ptr + t)
-        active = rows < n
-        mask = active & (cols < H)
+        mask = (rows < n) & (cols < H)
         g0 = _dot(h, w0, b0, DOT_DTYPE, FP32_PRECISION)
         g1 = g0
         g2 = g0
@@ -106,8 +105,9 @@ def sequence_fwd_kernel(xp_ptr, sizes_ptr, offsets_ptr, T, h0_ptr, c0_ptr, w_ptr
                         g0, g1, g2, g3)
             if CELL == LSTM:
                 tl.store(c_save_ptr + (off + rows) * H + cols, c_new, mask=mask)
-        h = tl.where(active, h_new.to(tl.float32), h)
-        c = tl.where(active, c_new, c)
+        # padded columns stay 0: an inf there would meet W's zero padding as NaN in the dot
+        h = tl.where(mask, h_new.to(tl.float32), h)
+        c = tl.where(mask, c_new, c)
     tl.store(hn_ptr + rows * H + cols, h.to(hn_ptr.dtype.element_ty), mask=state_mask)
     if CELL == LSTM:
         tl.store(cn_ptr + rows * H + cols, c.to(cn_ptr.dtype.element_ty), mask=state_mask)
@@ -148,8 +148,7 @@ def sequence_bwd_kernel(xp_ptr, hg_save_ptr, y_ptr, h0_ptr, c_save_ptr, c0_ptr,
         off_prev = tl.load(offsets_ptr + p)
         n = tl.load(sizes_ptr + t)
         off = tl.load(offsets_ptr + t)
-        active = rows < n
-        mask = active & (cols < H)
+        mask = (rows < n) & (cols < H)
         x0, x1, x2, x3 = load_gates(xp_ptr + off * G * H, G * H, rows, cols, H, mask, G)
         g0, g1, g2, g3 = load_gates(hg_save_ptr + off * G * H, G * H, rows, cols, H, mask, G)
         dh_out = dh + tl.load(dy_ptr + (off + rows) * H + cols, mask=mask, other=0.0).to(tl.float32)
@@ -170,8 +169,10 @@ def sequence_bwd_kernel(xp_ptr, hg_save_ptr, y_ptr, h0_ptr, c_save_ptr, c0_ptr,
             dh_prev = _dot(e2, w2, dh_prev, DOT_DTYPE, FP32_PRECISION)
         if G > 3:
             dh_prev = _dot(e3, w3, dh_prev, DOT_DTYPE, FP32_PRECISION)
-        dh = tl.where(active, dh_prev, dh)
-        dc = tl.where(active, dc_prev, dc)
+        # padded columns of dh stay 0, as h's in the forward (dc's follow from dh's); a
+        # full-mask form of this spills the fp32 LSTM backward on sm_90
+        dh = tl.where(rows < n, tl.where(cols < H, dh_prev, 0.0), dh)
+        dc = tl.where(rows < n, dc_prev, dc)
     tl.store(dh0_ptr + rows * H + cols, dh.to(dh0_ptr.dtype.element_ty), mask=state_mask)
     if CELL == LSTM:
         tl.store(dc0_ptr + rows * H + cols, dc.to(dc0_ptr.dtype.element_ty), mask=state_mask)

@@ -1,0 +1,109 @@
+"""What every kernel backend's autograd.Function shares beyond its own fused forward and backward.
+
+A kernel's fused backward gives plain first derivatives fast. Everything else is derived from
+the reference math (``reference.run_layer``) on the same inputs, so it is exact and composes
+with every transform, at reference speed, and only when asked for:
+
+- a backward that must itself be differentiable (``create_graph=True``: gradient penalties,
+  ``gradgradcheck``, Hessian-vector products; ``torch.func.grad`` of ``grad``, ``hessian``) or
+  that runs under a torch.func transform is the reference's vjp (``differentiable_vjp``);
+- forward mode (``torch.func.jvp``, ``jacfwd``, ``forward_ad``) is the reference's jvp;
+- ``torch.func.vmap`` runs the Function once per batch entry (``vmap_by_loop``).
+
+Forward mode lives in a subclass the backends pick outside ``torch.compile`` only
+(``eager_class``): Dynamo refuses to trace a Function that defines ``jvp``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+_functorch = torch._C._functorch
+
+
+def _is_wrapped(t: Tensor) -> bool:
+    # the legacy batched tensors are autograd's own (``is_grads_batched=True``, gradcheck's
+    # batched-gradient check)
+    return _functorch.is_functorch_wrapped_tensor(t) or _functorch.is_legacy_batchedtensor(t)
+
+
+def _tensor_slots(values: Sequence) -> list:
+    return [i for i, v in enumerate(values) if isinstance(v, Tensor) and v.is_floating_point()]
+
+
+def under_transform(tensors: Sequence) -> bool:
+    """True when torch.func (or autograd's batched gradients) wraps any of these tensors. Never while
+    torch.compile traces (Dynamo cannot trace the check, and does not trace torch.func)."""
+    if torch.compiler.is_compiling():
+        return False
+    return any(isinstance(t, Tensor) and _is_wrapped(t) for t in tensors)
+
+
+def needs_differentiable_backward(grads: Sequence) -> bool:
+    """A backward must be built from differentiable ops when grad mode is on inside it
+    (``create_graph=True``, torch.func.grad) or when torch.func wraps the incoming gradients
+    (``vmap`` of a vjp, as in ``jacrev``)."""
+    return torch.is_grad_enabled() or under_transform(grads)
+
+
+def _over_tensors(reference: Callable, inputs: Sequence):
+    """``reference`` as a function of the floating-point tensors of ``inputs`` only, returning
+    its non-None outputs; ``present`` records which of its outputs were not None."""
+    slots = _tensor_slots(inputs)
+    present: list = []
+
+    def fn(*tensors):
+        args = list(inputs)
+        for i, t in zip(slots, tensors):
+            args[i] = t
+        outs = reference(*args)
+        present[:] = [o is not None for o in outs]
+        return tuple(o for o in outs if o is not None)
+
+    return fn, slots, present
+
+
+def differentiable_vjp(reference: Callable, inputs: Sequence, grad_outputs: Sequence) -> list:
+    """The gradient of ``sum_k reference(*inputs)[k] * grad_outputs[k]`` with respect to every
+    floating-point tensor in ``inputs`` (None for the other slots), through ``torch.func.vjp``,
+    so that it is differentiable again and vmappable. ``grad_outputs`` has one entry per output
+    of ``reference``; None stands for zeros (or for an output that is None)."""
+    fn, slots, present = _over_tensors(reference, inputs)
+    outs, pullback = torch.func.vjp(fn, *[inputs[i] for i in slots])
+    given = [g for g, p in zip(grad_outputs, present) if p]
+    grads = pullback(tuple(torch.zeros_like(o) if g is None else g for o, g in zip(outs, given)))
+    result: list = [None] * len(inputs)
+    for i, g in zip(slots, grads):
+        result[i] = g
+    return result
+
+
+def reference_jvp(reference: Callable, inputs: Sequence, tangents: Sequence) -> tuple:
+    """Forward-mode derivative of ``reference`` at ``inputs`` along ``tangents`` (one per input
+    slot, None where an input has none), one per output of ``reference`` (None where the
+    output is None)."""
+    fn, slots, present = _over_tensors(reference, inputs)
+    given = tuple(torch.zeros_like(inputs[i]) if tangents[i] is None else tangents[i]
+                  for i in slots)
+    _, out_tangents = torch.func.jvp(fn, tuple(inputs[i] for i in slots), given)
+    out_tangents = list(out_tangents)
+    return tuple(out_tangents.pop(0) if p else None for p in present)
+
+
+def vmap_by_loop(apply: Callable, info, in_dims: Sequence[Optional[int]], args: Sequence):
+    """A vmap rule: call ``apply`` once per entry of the vmapped dimension and stack the
+    results (None outputs stay None). The kernels have no batch dimension of their own to
+    fold a vmapped one into, and torch.nn's RNNs have no vmap rule at all."""
+    outs = []
+    for b in range(info.batch_size):
+        outs.append(apply(*[a if d is None else a.select(d, b) for a, d in zip(args, in_dims)]))
+    stacked = tuple(None if o[0] is None else torch.stack(o) for o in zip(*outs))
+    return stacked, tuple(None if o is None else 0 for o in stacked)
+
+
+def eager_class(function_class, jvp_class):
+    """``jvp_class`` (the Function with forward mode) in eager mode, ``function_class`` while
+    torch.compile traces (Dynamo does not trace a Function that defines ``jvp``)."""
+    return function_class if torch.compiler.is_compiling() else jvp_class
