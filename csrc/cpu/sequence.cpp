@@ -53,6 +53,8 @@ Steps make_steps(const Tensor& batch_sizes, int64_t rows) {
   for (int64_t t = 0; t < sizes.numel(); ++t) {
     TORCH_CHECK(p[t] >= 0 && (t == 0 || p[t] <= p[t - 1]),
                 "fusedrnn: batch_sizes must be non-negative and non-increasing");
+    TORCH_CHECK(p[t] <= rows - off, "fusedrnn: batch_sizes sum past the input's ", rows,
+                " rows");  // (before the sum can overflow)
     s.size.push_back(p[t]);
     s.offset.push_back(off);
     off += p[t];
@@ -439,18 +441,47 @@ void with_cell(const std::string& cell, F&& f) {
   TORCH_CHECK(false, "fusedrnn: unknown cell '", cell, "'");
 }
 
-void check_dense(const Tensor& t, const Tensor& like, const char* what) {
-  TORCH_CHECK(t.device().is_cpu(), "fusedrnn cpu: ", what, " must be a CPU tensor");
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "fusedrnn cpu: ", what, " has dtype ",
-              t.scalar_type(), " but the input has ", like.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), "fusedrnn cpu: ", what, " must be contiguous");
+// The ops are public through torch.ops, so every tensor argument is checked before a pointer
+// is taken from it: a wrong device, dtype, shape or layout is a RuntimeError, never a read or
+// write past a buffer. `shape` entries of -1 match any size.
+void check_tensor(const char* op, const char* what, const Tensor& t, at::ScalarType dtype,
+                  std::initializer_list<int64_t> shape) {
+  TORCH_CHECK(t.defined(), op, ": ", what, " is required");
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", what, " must be a CPU tensor, got one on ",
+              t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", what, " must be ", dtype, " like the input, got ",
+              t.scalar_type());
+  bool ok = t.dim() == static_cast<int64_t>(shape.size());
+  int64_t d = 0;
+  for (int64_t size : shape) ok = ok && (size < 0 || t.size(d) == size), ++d;
+  TORCH_CHECK(ok, op, ": ", what, " must have shape ", at::IntArrayRef(shape),
+              " (-1: any size), got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", what, " must be contiguous");
 }
+
+void check_absent(const char* op, const char* what, const Tensor& t, const char* why) {
+  TORCH_CHECK(!t.defined(), op, ": ", what, " must be None ", why);
+}
+
+at::ScalarType float_dtype(const char* op, const Tensor& t) {
+  const at::ScalarType dtype = t.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, op,
+              ": float32 or float64 tensors only, got ", dtype);
+  return dtype;
+}
+
+Tensor given(const c10::optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
 
 }  // namespace
 
 Tensor mm_rows(const Tensor& a, const Tensor& b) {
-  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0),
-              "fusedrnn mm_rows: shapes ", a.sizes(), " and ", b.sizes(), " cannot be multiplied");
+  constexpr const char* op = "fusedrnn::mm_rows";
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), op, ": shapes ",
+              a.sizes(), " and ", b.sizes(), " cannot be multiplied");
+  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu() &&
+                  float_dtype(op, a) == b.scalar_type(),
+              op, ": two CPU tensors of one float dtype, got ", a.scalar_type(), " on ",
+              a.device(), " and ", b.scalar_type(), " on ", b.device());
   Tensor out = cached_empty({a.size(0), b.size(1)}, a.options());
   mm_rows_out(out, a.detach(), b.detach());
   return out;
@@ -463,8 +494,13 @@ Tensor mm_rows(const Tensor& a, const Tensor& b) {
 // Splitting the rows into per-thread chunks and summing the partials, the previous route,
 // was slower than both.
 Tensor mm_tn(const Tensor& a, const Tensor& b) {
-  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(0) == b.size(0),
-              "fusedrnn mm_tn: shapes ", a.sizes(), " and ", b.sizes(), " do not share rows");
+  constexpr const char* op = "fusedrnn::mm_tn";
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(0) == b.size(0), op, ": shapes ",
+              a.sizes(), " and ", b.sizes(), " do not share rows");
+  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu() &&
+                  float_dtype(op, a) == b.scalar_type(),
+              op, ": two CPU tensors of one float dtype, got ", a.scalar_type(), " on ",
+              a.device(), " and ", b.scalar_type(), " on ", b.device());
   c10::NoGradGuard no_grad;
   Tensor out = cached_empty({a.size(1), b.size(1)}, a.options());
   if (a.size(1) < 8 * b.size(1)) return at::mm_out(out, a.t(), b);
@@ -479,43 +515,35 @@ std::vector<Tensor> sequence_forward(const std::string& cell, const Tensor& xp,
                                      const c10::optional<Tensor>& b_ih,
                                      const c10::optional<Tensor>& b_hh,
                                      const c10::optional<Tensor>& w_hr, bool reverse, bool train) {
-  TORCH_CHECK(xp.dim() == 2 && h0.dim() == 2 && w_hh.dim() == 2,
-              "fusedrnn cpu: xp, h0 and w_hh must be 2-D");
-  for (auto* t : {&xp, &h0, &w_hh}) check_dense(*t, xp, "xp/h0/w_hh");
+  constexpr const char* op = "fusedrnn::sequence_forward";
+  const at::ScalarType dtype = float_dtype(op, xp);
+  check_tensor(op, "xp", xp, dtype, {-1, -1});
   const Steps steps = make_steps(batch_sizes, xp.size(0));
-  TORCH_CHECK(h0.size(0) == steps.size[0], "fusedrnn cpu: h0 has ", h0.size(0),
-              " rows but batch_sizes[0] is ", steps.size[0]);
-  TORCH_CHECK(xp.size(1) == w_hh.size(0) && w_hh.size(1) == h0.size(1),
-              "fusedrnn cpu: xp [rows, G*H], w_hh [G*H, Hout] and h0 [B, Hout] do not match");
-  auto bias_or_zeros = [&](const c10::optional<Tensor>& b, const char* what) {
-    Tensor out = b.has_value() && b->defined() ? *b : at::zeros({w_hh.size(0)}, xp.options());
-    check_dense(out, xp, what);
-    TORCH_CHECK(out.dim() == 1 && out.size(0) == w_hh.size(0), "fusedrnn cpu: ", what,
-                " must have G*H elements");
-    return out;
-  };
-  const Tensor bias_x = bias_or_zeros(b_ih, "b_ih"), bias_h = bias_or_zeros(b_hh, "b_hh");
-  Tensor wr = w_hr.has_value() && w_hr->defined() ? *w_hr : Tensor();
-  if (wr.defined()) check_dense(wr, xp, "w_hr");
+  const Tensor bx = given(b_ih), bh = given(b_hh), wr = given(w_hr), cc0 = given(c0);
   std::vector<Tensor> out;
   with_cell(cell, [&](auto c) {
     using Cell = decltype(c);
-    TORCH_CHECK(xp.size(1) % Cell::kGates == 0, "fusedrnn cpu: xp width is not G*H");
-    const int64_t H = xp.size(1) / Cell::kGates;
-    Tensor cc0;
-    if constexpr (Cell::kCellState) {
-      TORCH_CHECK(c0.has_value() && c0->defined(), "fusedrnn cpu: LSTM needs c0");
-      cc0 = *c0;
-      check_dense(cc0, xp, "c0");
-      TORCH_CHECK(cc0.size(0) == h0.size(0) && cc0.size(1) == H, "fusedrnn cpu: c0 shape");
-    } else {
-      TORCH_CHECK(!wr.defined(), "fusedrnn cpu: proj_size is only supported for LSTM");
+    constexpr int64_t G = Cell::kGates;
+    TORCH_CHECK(xp.size(1) % G == 0 && xp.size(1) > 0, op, ": xp must be [rows, ", G,
+                " * hidden] with hidden >= 1, got ", xp.sizes());
+    const int64_t H = xp.size(1) / G, B = steps.size[0];
+    const int64_t Hout = wr.defined() && wr.dim() == 2 ? wr.size(0) : H;
+    if (wr.defined()) {
+      TORCH_CHECK(Cell::kCellState, op, ": w_hr (proj_size) is only supported for LSTM");
+      check_tensor(op, "w_hr", wr, dtype, {-1, H});
     }
-    TORCH_CHECK(wr.defined() ? (wr.size(0) == h0.size(1) && wr.size(1) == H) : h0.size(1) == H,
-                "fusedrnn cpu: h0/w_hr shapes do not match the hidden size");
-    AT_DISPATCH_FLOATING_TYPES(xp.scalar_type(), "fusedrnn_sequence_forward", [&] {
-      out = Kernel<Cell, scalar_t>::forward(xp, steps, h0, cc0, w_hh, bias_x, bias_h, wr,
-                                            reverse, train);
+    check_tensor(op, "h0", h0, dtype, {B, Hout});
+    check_tensor(op, "w_hh", w_hh, dtype, {G * H, Hout});
+    if (bx.defined()) check_tensor(op, "b_ih", bx, dtype, {G * H});
+    if (bh.defined()) check_tensor(op, "b_hh", bh, dtype, {G * H});
+    if constexpr (Cell::kCellState)
+      check_tensor(op, "c0", cc0, dtype, {B, H});
+    else
+      check_absent(op, "c0", cc0, "for a cell without a cell state");
+    auto or_zeros = [&](const Tensor& b) { return b.defined() ? b : at::zeros({G * H}, xp.options()); };
+    AT_DISPATCH_FLOATING_TYPES(dtype, "fusedrnn_sequence_forward", [&] {
+      out = Kernel<Cell, scalar_t>::forward(xp, steps, h0, cc0, w_hh, or_zeros(bx), or_zeros(bh),
+                                            wr, reverse, train);
     });
   });
   return out;
@@ -526,20 +554,41 @@ std::vector<Tensor> sequence_backward(const std::string& cell, const Tensor& bat
                                       bool reverse, at::TensorList saved, const Tensor& grad_y,
                                       const Tensor& grad_hn,
                                       const c10::optional<Tensor>& grad_cn) {
-  TORCH_CHECK(saved.size() == 4, "fusedrnn cpu: backward expects the 4 saved tensors");
+  constexpr const char* op = "fusedrnn::sequence_backward";
+  TORCH_CHECK(saved.size() == 4, op, ": saved must be the forward's 4 saved tensors, got ",
+              saved.size());
   const Tensor &act = saved[0], &h_prev = saved[1], &c_prev = saved[2], &proj_in = saved[3];
+  const at::ScalarType dtype = float_dtype(op, w_hh);
+  check_tensor(op, "w_hh", w_hh, dtype, {-1, -1});
+  check_tensor(op, "saved[0] (activations)", act, dtype, {-1, -1});
   const Steps steps = make_steps(batch_sizes, act.size(0));
-  for (auto* t : {&w_hh, &grad_y, &grad_hn}) check_dense(*t, act, "w_hh/grad");
-  Tensor wr = w_hr.has_value() && w_hr->defined() ? *w_hr : Tensor();
-  Tensor gc = grad_cn.has_value() && grad_cn->defined() ? *grad_cn : Tensor();
+  const Tensor wr = given(w_hr), gc = given(grad_cn);
   std::vector<Tensor> out;
   with_cell(cell, [&](auto c) {
     using Cell = decltype(c);
-    if constexpr (Cell::kCellState) {
-      TORCH_CHECK(gc.defined(), "fusedrnn cpu: LSTM backward needs grad_cn");
-      check_dense(gc, act, "grad_cn");
+    constexpr int64_t G = Cell::kGates;
+    TORCH_CHECK(w_hh.size(0) % G == 0 && w_hh.size(0) > 0, op, ": w_hh must be [", G,
+                " * hidden, out] with hidden >= 1, got ", w_hh.sizes());
+    const int64_t H = w_hh.size(0) / G, Hout = w_hh.size(1);
+    const int64_t rows = act.size(0), B = steps.size[0];
+    check_tensor(op, "saved[0] (activations)", act, dtype, {rows, Cell::kSaved * H});
+    check_tensor(op, "saved[1] (h_prev)", h_prev, dtype, {rows, Hout});
+    check_tensor(op, "saved[2] (c_prev)", c_prev, dtype, {Cell::kCellState ? rows : 0, H});
+    check_tensor(op, "saved[3] (proj_in)", proj_in, dtype, {wr.defined() ? rows : 0, H});
+    check_tensor(op, "grad_y", grad_y, dtype, {rows, Hout});
+    check_tensor(op, "grad_hn", grad_hn, dtype, {B, Hout});
+    if (wr.defined()) {
+      TORCH_CHECK(Cell::kCellState, op, ": w_hr (proj_size) is only supported for LSTM");
+      check_tensor(op, "w_hr", wr, dtype, {Hout, H});
+    } else {
+      TORCH_CHECK(Hout == H, op, ": w_hh is [", G * H, ", ", Hout,
+                  "]: its width must be the hidden size without w_hr");
     }
-    AT_DISPATCH_FLOATING_TYPES(act.scalar_type(), "fusedrnn_sequence_backward", [&] {
+    if constexpr (Cell::kCellState)
+      check_tensor(op, "grad_cn", gc, dtype, {B, H});
+    else
+      check_absent(op, "grad_cn", gc, "for a cell without a cell state");
+    AT_DISPATCH_FLOATING_TYPES(dtype, "fusedrnn_sequence_backward", [&] {
       out = Kernel<Cell, scalar_t>::backward(steps, w_hh, wr, reverse, act, h_prev, c_prev,
                                              proj_in, grad_y, grad_hn, gc);
     });
