@@ -39,16 +39,26 @@ def _check_state_dtype(module_name: str, x: Tensor, states: List[Tensor]) -> Non
                                f"input dtype ({x.dtype})")
 
 
-def _step_counts(batch_sizes: Tensor, rows: int) -> Tensor:
+def _step_counts(batch_sizes: Tensor, rows: int, makes_zero_state: bool,
+                 checks_state: bool) -> Tensor:
     """A PackedSequence's per-step row counts, checked so that no backend ever reads past its
     rows: 1-D int64, non-negative, non-increasing, summing to at most ``rows`` (torch.nn
-    ignores rows past the sum; so do we). The exception classes are torch.nn's where it raises
-    at all (its own checks are accidental: an IndexError from ``batch_sizes[0]``, a TypeError
-    from ``torch.zeros``, a RuntimeError from C++)."""
-    first = batch_sizes[0]  # IndexError for an empty or 0-d tensor, as torch.nn
+    ignores rows past the sum; so do we).
+
+    The exception classes are torch.nn's, whose checks are accidental: an IndexError from
+    ``batch_sizes[0]``; a TypeError from ``torch.zeros(batch_sizes[0])`` when it makes the
+    zero state, else a ValueError from ``int(batch_sizes[0])`` when it checks the given state
+    (not for LSTM); RuntimeErrors from its C++. Where torch.nn accepts counts that do not fit
+    (increasing ones with an LSTM state) it reads past the rows; fusedrnn raises.
+    """
+    first = batch_sizes[0]
     if first.numel() != 1 or first.is_floating_point() or first.is_complex():
-        raise TypeError(f"batch_sizes must be a 1-D tensor of integer step counts, got shape "
-                        f"{tuple(batch_sizes.shape)} and dtype {batch_sizes.dtype}")
+        problem = (f"batch_sizes must be a 1-D tensor of integer step counts, got shape "
+                   f"{tuple(batch_sizes.shape)} and dtype {batch_sizes.dtype}")
+        if makes_zero_state:
+            raise TypeError(problem)
+        if first.numel() != 1:
+            raise (ValueError if checks_state else RuntimeError)(problem)
     if batch_sizes.dtype != torch.int64:
         raise RuntimeError(f"batch_sizes must be int64 (expected scalar type Long but found "
                            f"{batch_sizes.dtype})")
@@ -94,16 +104,17 @@ class _FusedRNNMixin(_BackendArg):
                 get("weight_hr") if self.proj_size > 0 else None)
 
     def forward(self, input, hx=None):
-        rows, batch_sizes, layout = self._time_major_rows(input)
+        rows, batch_sizes, layout = self._time_major_rows(input, hx is None)
         states = self._initial_states(hx, rows, batch_sizes, layout)
         output, hidden = self._run_layers(rows, batch_sizes, states)
         return self._in_callers_layout(output, hidden, layout)
 
-    def _time_major_rows(self, input):
+    def _time_major_rows(self, input, makes_zero_state: bool):
         """``(rows [sum(batch_sizes), I], batch_sizes [T] int64, layout)``."""
         if isinstance(input, PackedSequence):
             x = input.data
-            counts = _step_counts(input.batch_sizes, x.shape[0] if x.dim() else 0)
+            counts = _step_counts(input.batch_sizes, x.shape[0] if x.dim() else 0,
+                                  makes_zero_state, checks_state=self.mode != "LSTM")
             steps = counts.numel()
             if x.dim() == 2:  # else check_forward_args names the rank
                 x = x[:int(counts.sum())].contiguous()
