@@ -185,6 +185,24 @@ def test_import_does_not_load_triton():
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
 
 
+def test_interpret_set_after_importing_triton_is_reported():
+    """Triton fixes each @jit function's mode when its module is imported: set after
+    `import triton`, TRITON_INTERPRET cannot work, and backends() and the error say so
+    (it used to say "available" and fail inside the interpreter)."""
+    code = ("import os, torch, triton; os.environ['TRITON_INTERPRET'] = '1'; import fusedrnn\n"
+            "status = fusedrnn.backends()['triton:persistent']\n"
+            "assert 'before the first `import triton`' in status, status\n"
+            "try:\n"
+            "    fusedrnn.GRU(3, 4, backend='triton')(torch.randn(2, 1, 3))\n"
+            "except fusedrnn.BackendUnavailableError as exc:\n"
+            "    assert 'after triton was imported' in str(exc), exc\n"
+            "else:\n"
+            "    raise AssertionError('no error')\n"
+            "assert fusedrnn.GRU(3, 4)(torch.randn(2, 1, 3))[0].shape == (2, 1, 4)  # auto\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
 def test_kernels_compile_for_sm80_and_sm90():
     """Each kernel compiles with Triton's real compiler for sm_80 and sm_90 at the largest
     persistent tiles the on-chip budget admits (and the per-step kernels), within the

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from typing import List, Optional
 
 import torch
@@ -27,6 +28,27 @@ PERSISTENT_W_BUDGET = 96 * 1024
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _mode_mismatch() -> Optional[str]:
+    """Why Triton cannot run here, when its own library was built for the other mode.
+
+    Triton turns each ``@triton.jit`` function into an interpreted or a compiled one when its
+    module is imported, by TRITON_INTERPRET at that moment, and its standard library is
+    imported with ``triton``. Set after that, the variable makes our kernels interpreted but
+    not the library they call, and every launch fails with "Cannot call @triton.jit'd outside
+    of the scope of a kernel". Only looked at once triton is imported (never imports it).
+    """
+    if "triton" not in sys.modules:
+        return None
+    import triton.language.standard as standard
+    from triton.runtime.interpreter import InterpretedFunction
+    if isinstance(standard.zeros_like, InterpretedFunction) == _interpreting():
+        return None
+    now = "set" if _interpreting() else "unset"
+    return (f"TRITON_INTERPRET=1 was {now} after triton was imported, so Triton's library is "
+            f"in the other mode; set (or unset) it before the first `import triton`, e.g. in "
+            f"the shell or at the top of the script")
 
 
 def _next_pow2(n: int) -> int:
@@ -145,7 +167,7 @@ class _TritonBackend(Backend):
             return "triton is not installed (pip install 'fusedrnn[triton]')"
         if not torch.cuda.is_available() and not _interpreting():
             return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU tensors)"
-        return None
+        return _mode_mismatch()
 
     def unsupported_reason(self, device, dtype, cell, hidden_size, proj_size):
         if dtype not in _DTYPES:
