@@ -6,9 +6,10 @@
 // Cached blocks are reused across calls and are backed by transparent huge pages where the
 // kernel allows it (madvise), which also shortens the first touch and the GEMMs' TLB walks.
 #pragma once
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <vector>
 
 namespace fusedrnn {
 namespace cpu {

@@ -6,7 +6,14 @@
 
 #include "cpu/buffer_cache.h"
 
+// Only the ATen operators used, not ATen/ATen.h: the build parses these headers once per unit.
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/add.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/core/GradMode.h>
 
 #include <algorithm>

@@ -1,6 +1,6 @@
 // The CPU sequence kernels: one layer, one direction, whole sequence per call.
 #pragma once
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <string>
 #include <vector>
 
