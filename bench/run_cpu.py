@@ -2,6 +2,9 @@
 
     python bench/run_cpu.py [extra pytest args, e.g. -k LSTM]
 
+With pytest arguments (a subset) it writes bench/RESULTS_CPU_subset.md instead, so the
+committed full table is only ever replaced by a full run.
+
 Ratios are torch.nn's time over the other implementation's time, both minimum over rounds of
 the same run (the minimum is the least disturbed by other processes on a shared machine).
 """
@@ -15,8 +18,15 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 JSON = os.path.join(HERE, "cpu.json")
 THREADS = os.environ.get("FUSEDRNN_BENCH_THREADS", "2")
-# The issue's configuration (2 threads) is RESULTS_CPU.md; other thread counts get their own file.
-OUT = os.path.join(HERE, "RESULTS_CPU.md" if THREADS == "2" else f"RESULTS_CPU_{THREADS}thread.md")
+
+
+def output_path(args):
+    """RESULTS_CPU.md is the full suite at 2 threads; other thread counts and any run given
+    pytest arguments (a subset, ``-k LSTM``) write their own file, never over the full table."""
+    name = "RESULTS_CPU" + ("" if THREADS == "2" else f"_{THREADS}thread")
+    if args:
+        name += "_subset"
+    return os.path.join(HERE, name + ".md")
 
 
 def main(args):
@@ -34,10 +44,10 @@ def main(args):
         data = json.load(f)
     prefix = [] if THREADS == "2" else [f"FUSEDRNN_BENCH_THREADS={THREADS}"]
     render(data, wall, " ".join([*prefix, "python bench/run_cpu.py", *args]),
-           env["OMP_WAIT_POLICY"], load_before)
+           env["OMP_WAIT_POLICY"], load_before, output_path(args))
 
 
-def render(data, wall, command, wait_policy, load_before):
+def render(data, wall, command, wait_policy, load_before, out_path):
     best = {}
     peak = None
     for b in data["benchmarks"]:
@@ -90,9 +100,10 @@ def render(data, wall, command, wait_policy, load_before):
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     text = "\n".join(lines)
-    with open(OUT, "w") as f:
+    with open(out_path, "w") as f:
         f.write(text)
     print(text)
+    print(f"written to {os.path.relpath(out_path)}")
 
 
 if __name__ == "__main__":
