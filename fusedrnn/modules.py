@@ -57,7 +57,7 @@ def _step_counts(batch_sizes: Tensor, rows: int, makes_zero_state: bool,
                    f"{tuple(batch_sizes.shape)} and dtype {batch_sizes.dtype}")
         if makes_zero_state:
             raise TypeError(problem)
-        if first.numel() != 1:
+        if first.numel() != 1:  # (torch.nn's LSTM reads such counts in ways of its own)
             raise (ValueError if checks_state else RuntimeError)(problem)
     if batch_sizes.dtype != torch.int64:
         raise RuntimeError(f"batch_sizes must be int64 (expected scalar type Long but found "
@@ -113,8 +113,13 @@ class _FusedRNNMixin(_BackendArg):
         """``(rows [sum(batch_sizes), I], batch_sizes [T] int64, layout)``."""
         if isinstance(input, PackedSequence):
             x = input.data
-            counts = _step_counts(input.batch_sizes, x.shape[0] if x.dim() else 0,
-                                  makes_zero_state, checks_state=self.mode != "LSTM")
+            rows = x.shape[0] if x.dim() else 0
+            counts = _step_counts(input.batch_sizes, rows, makes_zero_state,
+                                  checks_state=self.mode != "LSTM")
+            if self.bidirectional and int(counts.sum()) != rows:
+                # torch.nn's reverse direction then reads other rows than its forward one
+                raise RuntimeError(f"batch_sizes sum to {int(counts.sum())} but the packed data "
+                                   f"has {rows} rows (a bidirectional layer needs them equal)")
             steps = counts.numel()
             if x.dim() == 2:  # else check_forward_args names the rank
                 x = x[:int(counts.sum())].contiguous()
@@ -145,9 +150,13 @@ class _FusedRNNMixin(_BackendArg):
             hx = (h0, torch.zeros(*shape, self.hidden_size, dtype=x.dtype, device=x.device)) \
                 if is_lstm else h0
         elif layout.packed is not None:
-            # checked before permuting too: a clear message instead of index_select's
-            self.check_forward_args(probe, hx, batch_sizes)
-            hx = self.permute_hidden(hx, layout.packed.sorted_indices)
+            if is_lstm and layout.packed.sorted_indices is None and len(hx) != 2:
+                raise RuntimeError(f"LSTM: hx must be a pair (h_0, c_0), got {len(hx)} tensors")
+            try:  # (like torch.nn, a state with extra rows loses them here)
+                hx = self.permute_hidden(hx, layout.packed.sorted_indices)
+            except (RuntimeError, IndexError):
+                self._check_forward_args(probe, hx, batch_sizes, layout)  # a clearer message
+                raise
         else:
             states = (hx[0], hx[1]) if is_lstm else (hx,)
             want = 3 if layout.is_batched else 2
@@ -159,11 +168,22 @@ class _FusedRNNMixin(_BackendArg):
                 hx = tuple(s.unsqueeze(1) for s in states) if is_lstm else states[0].unsqueeze(1)
         if is_lstm and len(hx) != 2:
             raise RuntimeError(f"LSTM: hx must be a pair (h_0, c_0), got {len(hx)} tensors")
-        self.check_forward_args(probe, hx, batch_sizes if layout.packed is not None else None)
+        self._check_forward_args(probe, hx, batch_sizes, layout)
         states = list(hx) if is_lstm else [hx]
         _check_devices(x, self.weight_ih_l0, states)
         _check_state_dtype(type(self).__name__, x, states)
         return states
+
+    def _check_forward_args(self, probe, hx, batch_sizes, layout):
+        """torch.nn's own checks. Its LSTM skips them for packed input and fails in C++ instead,
+        so there a wrong dtype is a RuntimeError, not check_input's ValueError."""
+        packed = layout.packed is not None
+        try:
+            self.check_forward_args(probe, hx, batch_sizes if packed else None)
+        except ValueError as exc:
+            if packed and self.mode == "LSTM":
+                raise RuntimeError(str(exc)) from exc
+            raise
 
     def _run_layers(self, x, batch_sizes, states):
         """Every layer and direction through ``functional.rnn_layer``; returns the last
@@ -253,19 +273,23 @@ class _FusedCellMixin(_BackendArg):
             zeros = torch.zeros(batch, self.hidden_size, dtype=x.dtype, device=x.device)
             states = (zeros, zeros) if lstm else (zeros,)
         elif not is_batched:  # (an LSTMCell's extra states dropped, as torch.nn does)
-            states = tuple(s.unsqueeze(0) for s in states[:2])
+            states = (states[0].unsqueeze(0), states[1].unsqueeze(0)) if lstm \
+                else (states[0].unsqueeze(0),)
         if len(states) != (2 if lstm else 1):
             raise RuntimeError(f"{name}: hx must be a pair (h_0, c_0), got {len(states)} tensors")
         if x.size(1) != self.input_size:  # torch.nn's C++ checks, in its words
             raise RuntimeError(f"input has inconsistent input_size: got {x.size(1)} expected "
                                f"{self.input_size}")
         for i, s in enumerate(states):
-            if s.dim() != 2:  # torch.nn crashes here (unbatched input, 2-D hx)
+            if s.dim() == 3:  # torch.nn crashes here (unbatched input, 2-D hx)
                 raise RuntimeError(f"{name}: unbatched input needs 1-D hidden states, got a "
-                                   f"{s.dim() - 1}-D hidden{i}")
+                                   f"2-D hidden{i}")
             if s.size(0) != batch:
                 raise RuntimeError(f"Input batch size {batch} doesn't match hidden{i} batch size "
                                    f"{s.size(0)}")
+            if s.dim() == 1:  # batched input, 1-D hx of batch-many elements: torch.nn's error
+                raise IndexError("Dimension out of range (expected to be in range of [-1, 0], "
+                                 "but got 1)")
             if s.size(1) != self.hidden_size:
                 raise RuntimeError(f"hidden{i} has inconsistent hidden_size: got {s.size(1)}, "
                                    f"expected {self.hidden_size}")
