@@ -13,8 +13,8 @@ import torch
 from ..cells import CELLS
 from .base import Backend
 from .reference import run_layer
-from .transforms import (differentiable_vjp, eager_class, needs_differentiable_backward,
-                         reference_jvp, under_transform, vmap_by_loop)
+from .transforms import (differentiable_vjp, needs_differentiable_backward, reference_jvp,
+                         under_transform, vmap_by_loop)
 
 _DTYPES = (torch.float32, torch.float64)
 
@@ -39,11 +39,60 @@ def _reference(cell_name, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, 
                      reverse)
 
 
+def _save(ctx, inputs, saved):
+    ctx.cell_name, ctx.reverse = inputs[0], inputs[-1]
+    ctx.save_for_backward(*inputs[1:-1], *saved)
+
+
+def _backward(ctx, grad_y, grad_hn, grad_cn, *_):
+    """The fused backward; the reference's vjp when the backward must itself be differentiable
+    or runs under torch.func (backend/transforms.py)."""
+    x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, *saved = ctx.saved_tensors
+    has_c = c0 is not None
+    if needs_differentiable_backward((grad_y, grad_hn, grad_cn)):
+        inputs = (ctx.cell_name, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
+                  ctx.reverse)
+        return tuple(differentiable_vjp(_reference, inputs, (grad_y, grad_hn, grad_cn)))
+    grad_y = x.new_zeros(x.shape[0], h0.shape[1]) if grad_y is None else grad_y.contiguous()
+    grad_hn = torch.zeros_like(h0) if grad_hn is None else grad_hn.contiguous()
+    if has_c:
+        grad_cn = torch.zeros_like(c0) if grad_cn is None else grad_cn.contiguous()
+    dxp, dh0, dc0, dw_hh, db_hh, dw_hr, db_ih = torch.ops.fusedrnn.sequence_backward(
+        ctx.cell_name, batch_sizes, w_hh, w_hr, ctx.reverse, saved, grad_y, grad_hn,
+        grad_cn if has_c else None)
+    need = ctx.needs_input_grad
+    if w_ih is None:
+        dx, dw_ih = dxp, None
+    else:
+        dx = torch.ops.fusedrnn.mm_rows(dxp, w_ih) if need[1] else None
+        dw_ih = torch.ops.fusedrnn.mm_tn(dxp, x) if need[5] else None
+    return (None, dx, None, dh0, dc0 if has_c else None, dw_ih, dw_hh,
+            db_ih if need[7] else None, db_hh if need[8] else None,
+            dw_hr if w_hr is not None else None, None)
+
+
 class _Layer(torch.autograd.Function):
     """(cell_name, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse) ->
-    (y, h_n, c_n, *saved). With ``w_ih`` None, x is already the projection xp (``sequence``).
-    ``saved`` are the activations the fused backward reads (outputs, so that ``setup_context``
-    can keep them; not differentiable)."""
+    (y, h_n, c_n). With ``w_ih`` None, x is already the projection xp (``sequence``).
+
+    The form autograd calls cheapest (``forward`` takes ctx: no ``setup_context``, whose
+    ``apply`` binds arguments through ``inspect`` at every call); torch.func needs
+    ``_TransformableLayer``."""
+
+    @staticmethod
+    def forward(ctx, cell_name, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
+        inputs = (cell_name, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse)
+        y, h_n, c_n, *saved = _forward(*inputs, True)
+        _save(ctx, inputs, saved)
+        return y, h_n, (c_n if c0 is not None else None)
+
+    backward = staticmethod(_backward)
+
+
+class _TransformableLayer(torch.autograd.Function):
+    """_Layer in the form torch.func accepts (``setup_context``), with a ``vmap`` rule and
+    forward-mode derivatives from the reference. Returns (y, h_n, c_n, *saved): what the
+    fused backward reads must be an output to reach ``setup_context`` (not differentiable)."""
 
     @staticmethod
     def forward(cell_name, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
@@ -55,46 +104,10 @@ class _Layer(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         ctx.mark_non_differentiable(*output[3:])
         ctx.set_materialize_grads(False)  # no zeros for the saved activations' gradients
-        ctx.cell_name, ctx.reverse = inputs[0], inputs[-1]
-        ctx.save_for_backward(*inputs[1:-1], *output[3:])
-
-    @staticmethod
-    def backward(ctx, grad_y, grad_hn, grad_cn, *_):
-        x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, *saved = ctx.saved_tensors
-        has_c = c0 is not None
-        if needs_differentiable_backward((grad_y, grad_hn, grad_cn)):
-            inputs = (ctx.cell_name, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
-                      ctx.reverse)
-            return tuple(differentiable_vjp(_reference, inputs, (grad_y, grad_hn, grad_cn)))
-        grad_y = x.new_zeros(x.shape[0], h0.shape[1]) if grad_y is None else grad_y.contiguous()
-        grad_hn = torch.zeros_like(h0) if grad_hn is None else grad_hn.contiguous()
-        if has_c:
-            grad_cn = torch.zeros_like(c0) if grad_cn is None else grad_cn.contiguous()
-        dxp, dh0, dc0, dw_hh, db_hh, dw_hr, db_ih = torch.ops.fusedrnn.sequence_backward(
-            ctx.cell_name, batch_sizes, w_hh, w_hr, ctx.reverse, saved, grad_y, grad_hn,
-            grad_cn if has_c else None)
-        need = ctx.needs_input_grad
-        if w_ih is None:
-            dx, dw_ih = dxp, None
-        else:
-            dx = torch.ops.fusedrnn.mm_rows(dxp, w_ih) if need[1] else None
-            dw_ih = torch.ops.fusedrnn.mm_tn(dxp, x) if need[5] else None
-        return (None, dx, None, dh0, dc0 if has_c else None, dw_ih, dw_hh,
-                db_ih if need[7] else None, db_hh if need[8] else None,
-                dw_hr if w_hr is not None else None, None)
-
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return vmap_by_loop(_function().apply, info, in_dims, args)
-
-
-class _LayerForwardAD(_Layer):
-    """_Layer with forward-mode derivatives (torch.func.jvp, jacfwd), from the reference."""
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _Layer.setup_context(ctx, inputs, output)
+        _save(ctx, inputs, output[3:])
         ctx.save_for_forward(*inputs[1:-1])
+
+    backward = staticmethod(_backward)
 
     @staticmethod
     def jvp(ctx, *tangents):
@@ -102,9 +115,9 @@ class _LayerForwardAD(_Layer):
         y, h_n, c_n = reference_jvp(_reference, inputs, tangents)
         return (y, h_n, c_n, *[None] * 4)
 
-
-def _function():
-    return eager_class(_Layer, _LayerForwardAD)
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return vmap_by_loop(_TransformableLayer.apply, info, in_dims, args)
 
 
 def _contiguous(*tensors):
@@ -112,12 +125,14 @@ def _contiguous(*tensors):
 
 
 def _run(cell_name, *args):
-    """Autograd only when a gradient can flow or torch.func transforms the call: inference
-    (no_grad, or nothing requiring grad) calls the op directly, with no saves and no node."""
+    """Autograd only when a gradient can flow (``_TransformableLayer`` under torch.func):
+    inference (no_grad, or nothing requiring grad) calls the op directly, with no saves and
+    no autograd node."""
     tensors = args[:-1]
-    if (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)) \
-            or under_transform(tensors):
-        return _function().apply(cell_name, *args)[:3]
+    if under_transform():
+        return _TransformableLayer.apply(cell_name, *args)[:3]
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return _Layer.apply(cell_name, *args)
     y, h_n, c_n = _forward(cell_name, *args, False)[:3]
     return y, h_n, (c_n if args[3] is not None else None)
 

@@ -1,4 +1,4 @@
-"""What every kernel backend's autograd.Function shares beyond its own fused forward and backward.
+"""What every kernel backend's autograd Functions share beyond the fused forward and backward.
 
 A kernel's fused backward gives plain first derivatives fast. Everything else is derived from
 the reference math (``reference.run_layer``) on the same inputs, so it is exact and composes
@@ -10,8 +10,9 @@ with every transform, at reference speed, and only when asked for:
 - forward mode (``torch.func.jvp``, ``jacfwd``, ``forward_ad``) is the reference's jvp;
 - ``torch.func.vmap`` runs the Function once per batch entry (``vmap_by_loop``).
 
-Forward mode lives in a subclass the backends pick outside ``torch.compile`` only
-(``eager_class``): Dynamo refuses to trace a Function that defines ``jvp``.
+Each kernel backend has two Functions over one backward: a plain one (``forward(ctx, ...)``),
+the cheapest for autograd to call and the one torch.compile traces, and a transformable one
+(``setup_context``, ``jvp``, ``vmap``) that torch.func requires; ``under_transform`` picks.
 """
 from __future__ import annotations
 
@@ -19,33 +20,35 @@ from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 _functorch = torch._C._functorch
-
-
-def _is_wrapped(t: Tensor) -> bool:
-    # the legacy batched tensors are autograd's own (``is_grads_batched=True``, gradcheck's
-    # batched-gradient check)
-    return _functorch.is_functorch_wrapped_tensor(t) or _functorch.is_legacy_batchedtensor(t)
 
 
 def _tensor_slots(values: Sequence) -> list:
     return [i for i, v in enumerate(values) if isinstance(v, Tensor) and v.is_floating_point()]
 
 
-def under_transform(tensors: Sequence) -> bool:
-    """True when torch.func (or autograd's batched gradients) wraps any of these tensors. Never while
-    torch.compile traces (Dynamo cannot trace the check, and does not trace torch.func)."""
+def under_transform() -> bool:
+    """True inside a torch.func transform (grad, vmap, jvp, ...) or an open forward-mode AD
+    level: one check per call, whatever the tensors. Never while torch.compile traces (Dynamo
+    does not trace torch.func)."""
     if torch.compiler.is_compiling():
         return False
-    return any(isinstance(t, Tensor) and _is_wrapped(t) for t in tensors)
+    return forward_ad._current_level >= 0 or _functorch.maybe_current_level() is not None
 
 
 def needs_differentiable_backward(grads: Sequence) -> bool:
     """A backward must be built from differentiable ops when grad mode is on inside it
-    (``create_graph=True``, torch.func.grad) or when torch.func wraps the incoming gradients
-    (``vmap`` of a vjp, as in ``jacrev``)."""
-    return torch.is_grad_enabled() or under_transform(grads)
+    (``create_graph=True``, torch.func.grad), under a torch.func transform (``vmap`` of a vjp,
+    as in ``jacrev``), or when autograd batches the incoming gradients itself
+    (``is_grads_batched=True``, gradcheck's batched check: legacy batched tensors)."""
+    if torch.is_grad_enabled():
+        return True
+    if torch.compiler.is_compiling():  # (Dynamo traces backwards too, and not these checks)
+        return False
+    return under_transform() or any(
+        g is not None and _functorch.is_legacy_batchedtensor(g) for g in grads)
 
 
 def _over_tensors(reference: Callable, inputs: Sequence):
@@ -101,9 +104,3 @@ def vmap_by_loop(apply: Callable, info, in_dims: Sequence[Optional[int]], args: 
         outs.append(apply(*[a if d is None else a.select(d, b) for a, d in zip(args, in_dims)]))
     stacked = tuple(None if o[0] is None else torch.stack(o) for o in zip(*outs))
     return stacked, tuple(None if o is None else 0 for o in stacked)
-
-
-def eager_class(function_class, jvp_class):
-    """``jvp_class`` (the Function with forward mode) in eager mode, ``function_class`` while
-    torch.compile traces (Dynamo does not trace a Function that defines ``jvp``)."""
-    return function_class if torch.compiler.is_compiling() else jvp_class

@@ -16,8 +16,8 @@ from typing import List, Optional
 import torch
 from .base import Backend, step_rows
 from .reference import run_sequence
-from .transforms import (differentiable_vjp, eager_class, needs_differentiable_backward,
-                         reference_jvp, under_transform, vmap_by_loop)
+from .transforms import (differentiable_vjp, needs_differentiable_backward, reference_jvp,
+                         under_transform, vmap_by_loop)
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -96,10 +96,55 @@ def _reference(path, cell, batch_sizes, reverse, save, xp, h0, c0, w_hh, b_hh, w
     return run_sequence(cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse)
 
 
+def _save(ctx, inputs, y, saved):
+    path, cell, batch_sizes, reverse, _, *tensors = inputs
+    ctx.path, ctx.cell, ctx.reverse = path, cell, reverse
+    ctx.save_for_backward(batch_sizes, *tensors, y, *saved)
+
+
+def _backward(ctx, dy, dh_n, dc_n=None, *_):
+    """The fused backward; the reference's vjp when the backward must itself be differentiable
+    or runs under torch.func (backend/transforms.py)."""
+    batch_sizes, xp, h0, c0, w_hh, b_hh, w_hr, y, *saved = ctx.saved_tensors
+    if needs_differentiable_backward((dy, dh_n, dc_n)):
+        inputs = (ctx.path, ctx.cell, batch_sizes, ctx.reverse, True, xp, h0, c0, w_hh, b_hh,
+                  w_hr)
+        return tuple(differentiable_vjp(_reference, inputs, (dy, dh_n, dc_n)))
+    sizes, offsets = step_rows(batch_sizes)
+    # the kernels index row-major: incoming gradients may be any strided view
+    dy = torch.zeros_like(y) if dy is None else dy.contiguous()
+    dh_n = torch.zeros_like(h0) if dh_n is None else dh_n.contiguous()
+    if c0 is not None:
+        dc_n = torch.zeros_like(c0) if dc_n is None else dc_n.contiguous()
+    dxp, dhg, dh0, dc0, d_w_hr = ctx.path.backward_loop(
+        ctx.cell, sizes, offsets, ctx.reverse, xp, h0, c0, w_hh, w_hr, y, saved, dy, dh_n, dc_n)
+    h_prev = torch.cat([h0, y])[_h_prev_rows(sizes, offsets, ctx.reverse, y.device)]
+    d_w_hh = dhg.t().mm(h_prev)
+    d_b_hh = dhg.sum(0) if b_hh is not None else None
+    return None, None, None, None, None, dxp, dh0, dc0, d_w_hh, d_b_hh, d_w_hr
+
+
 class _Sequence(torch.autograd.Function):
-    """(path, cell, batch_sizes, reverse, save, xp, h0, c0, w_hh, b_hh, w_hr) ->
-    (y, h_n, c_n, *saved); ``path`` runs the forward and backward loops, ``saved`` is what its
-    backward reads (outputs, so that ``setup_context`` can keep them; not differentiable)."""
+    """(path, cell, batch_sizes, reverse, save, xp, h0, c0, w_hh, b_hh, w_hr) -> (y, h_n, c_n);
+    ``path`` runs the forward and backward loops. The form autograd calls cheapest (see
+    cpu._Layer); torch.func needs ``_TransformableSequence``."""
+
+    @staticmethod
+    def forward(ctx, path, cell, batch_sizes, reverse, save, xp, h0, c0, w_hh, b_hh, w_hr):
+        sizes, offsets = step_rows(batch_sizes)
+        y, h_n, c_n, saved = path.forward_loop(cell, sizes, offsets, reverse, xp, h0, c0,
+                                               w_hh, b_hh, w_hr, save)
+        _save(ctx, (path, cell, batch_sizes, reverse, save, xp, h0, c0, w_hh, b_hh, w_hr), y,
+              saved)
+        return y, h_n, c_n
+
+    backward = staticmethod(_backward)
+
+
+class _TransformableSequence(torch.autograd.Function):
+    """_Sequence in the form torch.func accepts (``setup_context``), with a ``vmap`` rule and
+    forward-mode derivatives from the reference. Returns (y, h_n, c_n, *saved): what the
+    fused backward reads must be an output to reach ``setup_context`` (not differentiable)."""
 
     @staticmethod
     def forward(path, cell, batch_sizes, reverse, save, xp, h0, c0, w_hh, b_hh, w_hr):
@@ -110,45 +155,13 @@ class _Sequence(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        path, cell, batch_sizes, reverse, _, *tensors = inputs
         ctx.mark_non_differentiable(*output[3:])
         ctx.set_materialize_grads(False)  # no zeros for the saved activations' gradients
-        ctx.path, ctx.cell, ctx.reverse, ctx.outputs = path, cell, reverse, len(output)
-        ctx.save_for_backward(batch_sizes, *tensors, output[0], *output[3:])
-
-    @staticmethod
-    def backward(ctx, dy, dh_n, dc_n, *_):
-        batch_sizes, xp, h0, c0, w_hh, b_hh, w_hr, y, *saved = ctx.saved_tensors
-        if needs_differentiable_backward((dy, dh_n, dc_n)):
-            inputs = (ctx.path, ctx.cell, batch_sizes, ctx.reverse, True, xp, h0, c0, w_hh,
-                      b_hh, w_hr)
-            return tuple(differentiable_vjp(_reference, inputs, (dy, dh_n, dc_n)))
-        sizes, offsets = step_rows(batch_sizes)
-        # the kernels index row-major: incoming gradients may be any strided view
-        dy = torch.zeros_like(y) if dy is None else dy.contiguous()
-        dh_n = torch.zeros_like(h0) if dh_n is None else dh_n.contiguous()
-        if c0 is not None:
-            dc_n = torch.zeros_like(c0) if dc_n is None else dc_n.contiguous()
-        dxp, dhg, dh0, dc0, d_w_hr = ctx.path.backward_loop(
-            ctx.cell, sizes, offsets, ctx.reverse, xp, h0, c0, w_hh, w_hr, y, saved, dy,
-            dh_n, dc_n)
-        h_prev = torch.cat([h0, y])[_h_prev_rows(sizes, offsets, ctx.reverse, y.device)]
-        d_w_hh = dhg.t().mm(h_prev)
-        d_b_hh = dhg.sum(0) if b_hh is not None else None
-        return None, None, None, None, None, dxp, dh0, dc0, d_w_hh, d_b_hh, d_w_hr
-
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return vmap_by_loop(_function().apply, info, in_dims, args)
-
-
-class _SequenceForwardAD(_Sequence):
-    """_Sequence with forward-mode derivatives (torch.func.jvp, jacfwd), from the reference."""
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _Sequence.setup_context(ctx, inputs, output)
+        _save(ctx, inputs, output[0], output[3:])
+        ctx.outputs = len(output)
         ctx.save_for_forward(inputs[2], *inputs[5:])
+
+    backward = staticmethod(_backward)
 
     @staticmethod
     def jvp(ctx, *tangents):
@@ -156,9 +169,9 @@ class _SequenceForwardAD(_Sequence):
         inputs = (ctx.path, ctx.cell, batch_sizes, ctx.reverse, True, *tensors)
         return (*reference_jvp(_reference, inputs, tangents), *[None] * (ctx.outputs - 3))
 
-
-def _function():
-    return eager_class(_Sequence, _SequenceForwardAD)
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return vmap_by_loop(_TransformableSequence.apply, info, in_dims, args)
 
 
 class _TritonBackend(Backend):
@@ -179,11 +192,14 @@ class _TritonBackend(Backend):
         return None
 
     def sequence(self, cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse):
-        tensors = [t.contiguous() if t is not None else None for t in (xp, h0, c0, w_hh, b_hh, w_hr)]
+        tensors = [t.contiguous() if t is not None else None
+                   for t in (xp, h0, c0, w_hh, b_hh, w_hr)]
+        if under_transform():
+            return _TransformableSequence.apply(self, cell, batch_sizes, reverse, True,
+                                                *tensors)[:3]
         # inference (no_grad, or nothing requiring grad) skips writing what backward reads
-        save = (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)) \
-            or under_transform(tensors)
-        return _function().apply(self, cell, batch_sizes, reverse, save, *tensors)[:3]
+        save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+        return _Sequence.apply(self, cell, batch_sizes, reverse, save, *tensors)
 
 
 class AlternatingBackend(_TritonBackend):
