@@ -7,6 +7,7 @@ Where things are (``dispatch._REGISTRY`` is the one list of backends):
 - backend/cpu.py -> csrc/cpu/sequence.cpp (loops), csrc/cells/*.h (cell math, C++/CUDA),
   csrc/cpu/buffer_cache.h (where the loops' large buffers come from)
 - backend/triton.py -> kernels/pointwise.py, kernels/persistent.py (kernels/cells.py: cell math)
+- backend/transforms.py: derivatives the fused backwards do not give (higher order, torch.func)
 """
 from .dispatch import BackendUnavailableError, backends
 from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, convert

@@ -110,7 +110,8 @@ class _FusedRNNMixin(_BackendArg):
         return self._in_callers_layout(output, hidden, layout)
 
     def _time_major_rows(self, input, makes_zero_state: bool):
-        """``(rows [sum(batch_sizes), I], batch_sizes [T] int64, layout)``."""
+        """``(x, batch_sizes [T] int64, layout)``: x is the packed rows ``[sum(batch_sizes), I]``
+        or the padded input time-major ``[T, B, I]`` (a view)."""
         if isinstance(input, PackedSequence):
             x = input.data
             rows = x.shape[0] if x.dim() else 0
