@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.join(CHECKOUT, "bench"))
 import fusedrnn  # noqa: E402
 from shapes import SEED_SHAPES, run_layer  # noqa: E402
 
+# its own table, not shapes.KINDS: the script imports the bench/ of either checkout, old ones too
 LAYERS = {"LSTM": torch.nn.LSTM, "GRU": torch.nn.GRU, "RNN": torch.nn.RNN}
 
 

@@ -15,8 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fusedrnn  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from shapes import SEED_SHAPES, run_layer  # noqa: E402
-from test_bench_cpu import KINDS  # noqa: E402
+from shapes import KINDS, SEED_SHAPES, run_layer  # noqa: E402
 
 
 def faults_per_call(fn, calls=5):

@@ -12,7 +12,7 @@ import torch.nn as nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fusedrnn
-from shapes import SEED_SHAPES
+from shapes import KINDS, SEED_SHAPES, cell_of
 
 THREADS = int(os.environ.get("FUSEDRNN_BENCH_THREADS", "2"))
 ROUNDS = int(os.environ.get("FUSEDRNN_BENCH_ROUNDS", "5"))
@@ -20,8 +20,6 @@ torch.set_num_threads(THREADS)
 
 
 PACKED_SHAPES = ["smnist", "ptb"]  # lengths drawn uniformly from [T/2, T]
-KINDS = {"LSTM": (nn.LSTM, nn.LSTMCell, 4), "GRU": (nn.GRU, nn.GRUCell, 3),
-         "RNN": (nn.RNN, nn.RNNCell, 1)}
 IMPLS = ["nn", "cell_loop", "cpu", "reference"]
 
 
@@ -29,7 +27,7 @@ def gemm_flops(kind, shape, rows=None):
     """Forward GEMM flops (input projection + recurrent); fwd+bwd counts 3x."""
     T, B, I, H, L = shape
     rows = T * B if rows is None else rows
-    G = KINDS[kind][2]
+    G = cell_of(kind).gates
     return sum(2 * rows * ((I if layer == 0 else H) + H) * G * H for layer in range(L))
 
 

@@ -17,8 +17,6 @@ if not torch.cuda.is_available():
 triton_testing = pytest.importorskip("triton.testing")
 
 import fusedrnn  # noqa: E402
-from fusedrnn import dispatch  # noqa: E402
-from fusedrnn.cells import cell_for_mode  # noqa: E402
 from shapes import SEED_SHAPES  # noqa: E402
 
 SHAPES = {**SEED_SHAPES, "flashrnn": (1024, 16, 768, 768, 1)}  # FlashRNN's public setting
@@ -46,12 +44,13 @@ def test_triton_vs_cudnn(shape, mode, dtype):
         cudnn = _time(ref, x, backward)
         line.append(f"{'fwd+bwd' if backward else 'fwd'}: cudnn {cudnn:.3f} ms")
         for path in PATHS:
-            reason = dispatch._reason(path, x.device, dtype, cell_for_mode(ref.mode), hidden, 0)
-            if reason:
-                line.append(f"{path} n/a ({reason})")
-                continue
             ours = getattr(fusedrnn, mode)(inputs, hidden, layers, backend=path)
             ours = ours.to("cuda", dtype)
+            try:
+                fusedrnn.resolved_backend(ours, x)
+            except fusedrnn.BackendUnavailableError as exc:
+                line.append(f"{path} n/a ({exc})")
+                continue
             ours.load_state_dict(ref.state_dict())
             t = _time(ours, x, backward)
             line.append(f"{path} {t:.3f} ms (x{cudnn / t:.2f})")

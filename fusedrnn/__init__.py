@@ -1,17 +1,20 @@
 """fusedrnn: torch.nn's LSTM, GRU and RNN on fused kernels.
 
-Where things are (``dispatch._REGISTRY`` is the one list of backends):
+Where things are (``dispatch._REGISTRY`` is the one list of backends, ``cells.CELLS`` of cells):
 
-- modules.py -> functional.rnn_layer -> dispatch.select -> a backend's ``layer``/``sequence``
-- backend/reference.py: the oracle, a torch time loop over cells.py (the cell registry)
-- backend/cpu.py -> csrc/cpu/sequence.cpp (loops), csrc/cells/*.h (cell math, C++/CUDA),
-  csrc/cpu/buffer_cache.h (where the loops' large buffers come from)
-- backend/triton.py -> kernels/pointwise.py, kernels/persistent.py (kernels/cells.py: cell math)
+- modules.py -> functional.rnn_layer(x, LayerArgs) -> dispatch.select (once per layer spec)
+  -> a backend's ``layer``/``sequence`` (backend/base.py: the interface and LayerArgs)
+- cells.py: the cell registry, each cell's traits and its math in torch (and names its Triton
+  math); backend/reference.py: the oracle, a torch time loop over it
+- backend/cpu.py -> csrc/cpu/sequence.cpp (loops), csrc/cells/cells.h (the C++/CUDA cell list
+  and traits; cell math in csrc/cells/*.h), csrc/cpu/buffer_cache.h (the loops' buffers)
+- backend/triton.py -> kernels/pointwise.py, kernels/persistent.py (generic kernels;
+  kernels/cells.py: cell math)
 - backend/transforms.py: derivatives the fused backwards do not give (higher order, torch.func)
 """
 from .dispatch import BackendUnavailableError, backends
-from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, convert
+from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, convert, resolved_backend
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "backends",
-           "BackendUnavailableError"]
+           "resolved_backend", "BackendUnavailableError"]
 __version__ = "0.1.0"

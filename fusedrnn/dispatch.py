@@ -1,24 +1,23 @@
-"""The one place that maps (requested name, device, dtype, cell, sizes) to a backend."""
+"""The one place that maps (requested name, layer spec) to a backend, once per spec.
+
+The backends are imported here, so a reader following imports sees every one of them
+(the Triton backend imports Triton itself only when it first runs a kernel).
+"""
 from __future__ import annotations
 
-import importlib
 import logging
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
-import torch
-
-from .backend.base import Backend
-from .cells import Cell
+from .backend import cpu, reference, triton
+from .backend.base import Backend, LayerSpec
 
 log = logging.getLogger("fusedrnn")
 
-# name -> "module:attribute"; modules are imported on first use so that e.g. Triton is
-# only imported when asked for (TRITON_INTERPRET must be set before that import).
-_REGISTRY: Dict[str, str] = {
-    "reference": "fusedrnn.backend.reference:BACKEND",
-    "cpu": "fusedrnn.backend.cpu:BACKEND",
-    "triton:persistent": "fusedrnn.backend.triton:PERSISTENT",
-    "triton:alternating": "fusedrnn.backend.triton:ALTERNATING",
+_REGISTRY: Dict[str, Backend] = {
+    "reference": reference.BACKEND,
+    "cpu": cpu.BACKEND,
+    "triton:persistent": triton.PERSISTENT,
+    "triton:alternating": triton.ALTERNATING,
 }
 
 # What "auto" tries, best first, per device type. It always ends in "reference".
@@ -33,7 +32,8 @@ _ALIASES: Dict[str, List[str]] = {
     "triton": ["triton:persistent", "triton:alternating"],
 }
 
-_loaded: Dict[str, Backend] = {}
+# (requested name, spec) -> the backend chosen: each layer configuration is resolved once
+_chosen: Dict[Tuple[str, LayerSpec], Backend] = {}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -44,21 +44,17 @@ def backend_names() -> List[str]:
     return ["auto", *_ALIASES, *_REGISTRY]
 
 
-def _load(name: str) -> Backend:
-    if name not in _loaded:
-        module, attr = _REGISTRY[name].split(":")
-        _loaded[name] = getattr(importlib.import_module(module), attr)
-    return _loaded[name]
+def check_name(name: str) -> str:
+    """Validate a ``backend=`` argument (at construction time)."""
+    if name not in backend_names():
+        raise ValueError(f"unknown backend {name!r}; choose one of {backend_names()}")
+    return name
 
 
-def _reason(name: str, device: torch.device, dtype: torch.dtype, cell: Cell,
-            hidden_size: int, proj_size: int) -> Optional[str]:
-    try:
-        backend = _load(name)
-    except ImportError as exc:  # an optional dependency is missing
-        return f"cannot import: {exc}"
-    return backend.unavailable_reason() or backend.unsupported_reason(
-        device, dtype, cell, hidden_size, proj_size)
+def reason(name: str, spec: LayerSpec) -> Optional[str]:
+    """Why the concrete backend ``name`` cannot run a layer of this spec here, or None."""
+    backend = _REGISTRY[name]
+    return backend.unavailable_reason() or backend.unsupported_reason(spec)
 
 
 def _candidates(name: str, device_type: str) -> List[str]:
@@ -67,50 +63,39 @@ def _candidates(name: str, device_type: str) -> List[str]:
     return _ALIASES.get(name, [name])
 
 
-def _validate(name: str) -> None:
-    if name not in backend_names():
-        raise ValueError(f"unknown backend {name!r}; choose one of {backend_names()}")
+def select(name: str, spec: LayerSpec) -> Backend:
+    """The backend that runs a layer of this spec, or BackendUnavailableError saying why not.
+    The choice is made once per (name, spec) in a process; ``forget_choices`` starts over."""
+    chosen = _chosen.get((name, spec))
+    if chosen is None:
+        chosen = _chosen[(name, spec)] = _choose(check_name(name), spec)
+    return chosen
 
 
-def check_name(name: str) -> str:
-    """Validate a ``backend=`` argument at construction time, and import the backends it can
-    pick on this machine's devices now, so that a forward traced by torch.compile never has to
-    import one (Dynamo cannot trace ``importlib``)."""
-    _validate(name)
-    for device_type in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
-        for candidate in _candidates(name, device_type):
-            try:
-                _load(candidate)
-            except ImportError:  # an optional dependency: select() will say why
-                pass
-    return name
-
-
-def select(name: str, device: torch.device, dtype: torch.dtype, cell: Cell,
-           hidden_size: int, proj_size: int = 0) -> Backend:
-    """The backend that runs this layer, or BackendUnavailableError saying why not."""
-    _validate(name)
-    candidates = _candidates(name, device.type)
+def _choose(name: str, spec: LayerSpec) -> Backend:
+    candidates = _candidates(name, spec.device.type)
     reasons = []
     for candidate in candidates:
-        reason = _reason(candidate, device, dtype, cell, hidden_size, proj_size)
-        if reason is None:
+        why = reason(candidate, spec)
+        if why is None:
             if candidate != candidates[0]:
                 log.debug("backend %r: using %r (%s)", name, candidate, "; ".join(reasons))
-            return _load(candidate)
-        reasons.append(f"{candidate}: {reason}")
+            return _REGISTRY[candidate]
+        reasons.append(f"{candidate}: {why}")
     raise BackendUnavailableError(
-        f"backend {name!r} cannot run {cell.name} (hidden {hidden_size}, proj {proj_size}, "
-        f"{dtype}) on {device}: " + "; ".join(reasons))
+        f"backend {name!r} cannot run {spec.cell.name} (hidden {spec.hidden_size}, proj "
+        f"{spec.proj_size}, {spec.dtype}) on {spec.device}: " + "; ".join(reasons))
+
+
+def forget_choices() -> None:
+    """Drops the cached choices, e.g. after changing TRITON_INTERPRET or the registry."""
+    _chosen.clear()
 
 
 def backends() -> Dict[str, str]:
     """Each backend's status on this machine: ``"available"`` or why it is not."""
     status = {}
-    for name in _REGISTRY:
-        try:
-            reason = _load(name).unavailable_reason()
-        except ImportError as exc:
-            reason = f"cannot import: {exc}"
-        status[name] = "available" if reason is None else f"unavailable: {reason}"
+    for name, backend in _REGISTRY.items():
+        why = backend.unavailable_reason()
+        status[name] = "available" if why is None else f"unavailable: {why}"
     return status

@@ -17,7 +17,8 @@ from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
 from . import dispatch
-from .cells import CELLS, cell_for_mode
+from .backend.base import LayerArgs, LayerSpec
+from .cells import Cell, cell_for_mode
 from .functional import rnn_layer
 
 
@@ -97,11 +98,16 @@ class _FusedRNNMixin(_BackendArg):
     The input forms, the hidden-state checks and their order follow torch.nn's ``forward``,
     so that a bad input raises what torch.nn raises."""
 
-    def _layer_weights(self, layer: int, direction: int):
+    def _cell(self) -> Cell:
+        return cell_for_mode(self.mode)
+
+    def _layer_args(self, layer: int, direction: int, batch_sizes: Tensor, h0: Tensor,
+                    c0: Optional[Tensor]) -> LayerArgs:
         sfx = f"_l{layer}" + ("_reverse" if direction else "")
         get = lambda n: getattr(self, n + sfx) if hasattr(self, n + sfx) else None  # noqa: E731
-        return (get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"),
-                get("weight_hr") if self.proj_size > 0 else None)
+        return LayerArgs(self._cell(), batch_sizes, h0, c0, get("weight_ih"), get("weight_hh"),
+                         get("bias_ih"), get("bias_hh"),
+                         get("weight_hr") if self.proj_size > 0 else None, reverse=direction == 1)
 
     def forward(self, input, hx=None):
         rows, batch_sizes, layout = self._time_major_rows(input, hx is None)
@@ -191,20 +197,18 @@ class _FusedRNNMixin(_BackendArg):
         layer's rows and ``[h_n]`` or ``[h_n, c_n]``."""
         if batch_sizes.numel() == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
-        cell = cell_for_mode(self.mode)
         directions = 2 if self.bidirectional else 1
         h_all = states[0]
-        c_all = states[1] if cell.has_cell_state else None
+        c_all = states[1] if len(states) == 2 else None
         layer_input = x.reshape(-1, x.shape[-1])  # time-major rows
         h_n, c_n = [], []
         for layer in range(self.num_layers):
             outputs = []
             for direction in range(directions):
                 k = layer * directions + direction
-                y, h, c = rnn_layer(cell, layer_input, batch_sizes, h_all[k],
-                                    c_all[k] if c_all is not None else None,
-                                    *self._layer_weights(layer, direction),
-                                    reverse=direction == 1, backend=self.backend)
+                args = self._layer_args(layer, direction, batch_sizes, h_all[k],
+                                        c_all[k] if c_all is not None else None)
+                y, h, c = rnn_layer(layer_input, args, self.backend)
                 outputs.append(y)
                 h_n.append(h)
                 c_n.append(c)
@@ -245,14 +249,14 @@ class RNN(_FusedRNNMixin, nn.RNN):
 class _FusedCellMixin(_BackendArg):
     """forward() for the single-step cells: a length-1 sequence through the same backends."""
 
-    def _cell(self):
+    def _cell(self) -> Cell:
         if isinstance(self, nn.LSTMCell):
-            return CELLS["lstm"]
+            return cell_for_mode("LSTM")
         if isinstance(self, nn.GRUCell):
-            return CELLS["gru"]
+            return cell_for_mode("GRU")
         if self.nonlinearity not in ("tanh", "relu"):
             raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
-        return CELLS["rnn_" + self.nonlinearity]
+        return cell_for_mode("RNN_" + self.nonlinearity.upper())
 
     def forward(self, input: Tensor, hx=None):
         """torch.nn's checks in torch.nn's order (its C++ ones as RuntimeErrors), then a
@@ -302,10 +306,10 @@ class _FusedCellMixin(_BackendArg):
                 raise RuntimeError(f"Tensor on device {t.device} is not on the expected device "
                                    f"{x.device}!")
         _check_state_dtype(name, x, states)
-        batch_sizes = torch.tensor([batch], dtype=torch.int64)
-        _, h, c = rnn_layer(cell, x, batch_sizes, states[0], states[1] if lstm else None,
-                            self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, None,
-                            reverse=False, backend=self.backend)
+        args = LayerArgs(cell, torch.tensor([batch], dtype=torch.int64), states[0],
+                         states[1] if lstm else None, self.weight_ih, self.weight_hh,
+                         self.bias_ih, self.bias_hh, None, reverse=False)
+        _, h, c = rnn_layer(x, args, self.backend)
         if not is_batched:
             h = h.squeeze(0)
             c = c.squeeze(0) if c is not None else None
@@ -322,6 +326,21 @@ class GRUCell(_FusedCellMixin, nn.GRUCell):
 
 class RNNCell(_FusedCellMixin, nn.RNNCell):
     """``torch.nn.RNNCell`` on fused kernels; extra keyword ``backend``."""
+
+
+def resolved_backend(module: nn.Module, input=None) -> str:
+    """The name of the backend a fusedrnn module runs on for input like ``input`` (a Tensor or
+    PackedSequence; default: the module's own device and dtype), e.g. ``"cpu"``: what
+    dispatch chose for it (once per configuration). Raises BackendUnavailableError where the
+    forward would."""
+    if not isinstance(module, (_FusedRNNMixin, _FusedCellMixin)):
+        raise TypeError(f"not a fusedrnn module: {type(module).__name__}")
+    like = input.data if isinstance(input, PackedSequence) else input
+    weight = module.weight_ih if isinstance(module, _FusedCellMixin) else module.weight_ih_l0
+    like = weight if like is None else like
+    spec = LayerSpec(like.device, like.dtype, module._cell(), module.hidden_size,
+                     getattr(module, "proj_size", 0))
+    return dispatch.select(module.backend, spec).name
 
 
 _FUSED_FOR = {nn.LSTM: LSTM, nn.GRU: GRU, nn.RNN: RNN,

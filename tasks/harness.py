@@ -23,7 +23,6 @@ from tqdm import tqdm
 
 import fusedrnn
 from fusedrnn import dispatch
-from fusedrnn.cells import cell_for_mode
 
 RNN_CLASSES = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 OPTIMIZERS = ("sgd", "momentum", "adam", "rmsprop", "adagrad")
@@ -138,12 +137,8 @@ def make_optimizer(cfg: Dict, params) -> torch.optim.Optimizer:
 
 def recurrent_backends(model: nn.Module) -> List[str]:
     """Which backend each fusedrnn layer resolves to here (reporting only), else ["torch.nn"]."""
-    names = []
-    for m in model.modules():
-        if isinstance(m, (fusedrnn.LSTM, fusedrnn.GRU, fusedrnn.RNN)):
-            w = m.weight_ih_l0
-            names.append(dispatch.select(m.backend, w.device, w.dtype, cell_for_mode(m.mode),
-                                         m.hidden_size, m.proj_size).name)
+    names = [fusedrnn.resolved_backend(m) for m in model.modules()
+             if isinstance(m, (fusedrnn.LSTM, fusedrnn.GRU, fusedrnn.RNN))]
     return sorted(set(names)) or ["torch.nn"]
 
 

@@ -8,6 +8,7 @@ import random
 import torch
 
 from conftest import assert_close
+from fusedrnn.backend.base import LayerArgs
 from fusedrnn.backend.reference import BACKEND as REFERENCE
 from fusedrnn.cells import CELLS
 
@@ -38,8 +39,15 @@ def sequence_inputs(cell, batch_sizes, hidden, proj=0, bias=True, dtype=torch.fl
         w_hr=leaf(out, hidden) if proj else None)
 
 
+def run_sequence(backend, cell, args, reverse):
+    """``backend.sequence`` on the arguments ``sequence_inputs`` drew."""
+    layer = LayerArgs(cell, args["batch_sizes"], args["h0"], args["c0"], None, args["w_hh"], None,
+                      args["b_hh"], args["w_hr"], reverse)
+    return backend.sequence(args["xp"], layer)
+
+
 def _run(backend, cell, args, reverse, grads):
-    y, h, c = backend.sequence(cell, **args, reverse=reverse)
+    y, h, c = run_sequence(backend, cell, args, reverse)
     outs = [y, h] + ([c] if c is not None else [])
     leaves = [v for v in args.values() if isinstance(v, torch.Tensor) and v.requires_grad]
     # through the transposes, the gradient reaching each output is a non-contiguous view, as
@@ -64,7 +72,7 @@ def check_sequence(backend, cell_name, batch_sizes, hidden, proj=0, bias=True, r
     ref_args = {k: (v.detach().to("cpu", ref_dtype).requires_grad_() if isinstance(v, torch.Tensor)
                     and v.is_floating_point() else v) for k, v in args.items()}
     with torch.no_grad():
-        shapes = REFERENCE.sequence(cell, **ref_args, reverse=reverse)
+        shapes = run_sequence(REFERENCE, cell, ref_args, reverse)
     upstream = [torch.randn_like(t) for t in shapes if t is not None]
     ref_outs, ref_grads = _run(REFERENCE, cell, ref_args, reverse, upstream)
     outs, grads = _run(backend, cell, args, reverse, [u.to(device, dtype) for u in upstream])
@@ -93,6 +101,6 @@ def gradcheck_sequence(backend, rng: random.Random, cell_name, reverse):
 
     def fn(*tensors):
         kw = dict(args, **dict(zip(names, tensors)))
-        return tuple(t for t in backend.sequence(cell, **kw, reverse=reverse) if t is not None)
+        return tuple(t for t in run_sequence(backend, cell, kw, reverse) if t is not None)
 
     return torch.autograd.gradcheck(fn, [args[n] for n in names])

@@ -332,9 +332,9 @@ class _Missing(fusedrnn.backend.base.Backend):
 
 def test_backends_report_and_explicit_unavailable(monkeypatch):
     from fusedrnn import dispatch
-    monkeypatch.setitem(dispatch._REGISTRY, "missing", "tests.test_api:_MISSING")
-    monkeypatch.setitem(dispatch._loaded, "missing", _Missing())
+    monkeypatch.setitem(dispatch._REGISTRY, "missing", _Missing())
     monkeypatch.setitem(dispatch._AUTO_ORDER, "cpu", ["missing", *dispatch._AUTO_ORDER["cpu"]])
+    monkeypatch.setattr(dispatch, "_chosen", {})  # the choices made under the real registry
     status = fusedrnn.backends()
     assert status["reference"] == "available"
     assert status["missing"] == "unavailable: the widget is not installed"

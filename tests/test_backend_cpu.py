@@ -8,10 +8,12 @@ from torch.nn.utils.rnn import pack_sequence
 
 import fusedrnn
 from fusedrnn import dispatch
+from fusedrnn.backend.base import LayerSpec
 from fusedrnn.backend.cpu import BACKEND
 from fusedrnn.cells import CELLS
 from conftest import assert_close
-from sequence_check import check_sequence, gradcheck_sequence, random_batch_sizes, sequence_inputs
+from sequence_check import (check_sequence, gradcheck_sequence, random_batch_sizes, run_sequence,
+                            sequence_inputs)
 
 pytestmark = pytest.mark.skipif(BACKEND.unavailable_reason() is not None,
                                 reason=f"cpu backend: {BACKEND.unavailable_reason()}")
@@ -125,7 +127,7 @@ def test_inference_saves_nothing():
     cell = CELLS["lstm"]
     args = sequence_inputs(cell, torch.tensor([3, 2]), hidden=4)
     with torch.no_grad():
-        y, h, c = BACKEND.sequence(cell, **args, reverse=False)
+        y, h, c = run_sequence(BACKEND, cell, args, reverse=False)
     assert y.grad_fn is None
     out = torch.ops.fusedrnn.sequence_forward("lstm", args["xp"].detach(), args["batch_sizes"],
                                               args["h0"].detach(), args["c0"].detach(),
@@ -244,18 +246,31 @@ def test_torch_compile_fullgraph(rng, kind):
 
 def test_auto_picks_cpu_and_falls_back():
     cell = CELLS["lstm"]
-    assert dispatch.select("auto", torch.device("cpu"), torch.float32, cell, 8).name == "cpu"
-    assert dispatch.select("auto", torch.device("cpu"), torch.float16, cell, 8).name == "reference"
+    cpu = torch.device("cpu")
+    assert dispatch.select("auto", LayerSpec(cpu, torch.float32, cell, 8)).name == "cpu"
+    assert dispatch.select("auto", LayerSpec(cpu, torch.float16, cell, 8)).name == "reference"
     with pytest.raises(dispatch.BackendUnavailableError, match="float16"):
-        dispatch.select("cpu", torch.device("cpu"), torch.float16, cell, 8)
+        dispatch.select("cpu", LayerSpec(cpu, torch.float16, cell, 8))
 
 
 def test_bad_arguments_raise_clear_errors():
     cell = CELLS["gru"]
     args = sequence_inputs(cell, torch.tensor([2, 3]), hidden=4)  # increasing counts
     with pytest.raises(RuntimeError, match="non-increasing"):
-        BACKEND.sequence(cell, **args, reverse=False)
+        run_sequence(BACKEND, cell, args, reverse=False)
     args = sequence_inputs(cell, torch.tensor([3, 2]), hidden=4)
     args["batch_sizes"] = torch.tensor([3, 3])
     with pytest.raises(RuntimeError, match="rows"):
-        BACKEND.sequence(cell, **args, reverse=False)
+        run_sequence(BACKEND, cell, args, reverse=False)
+
+
+def test_cpp_cells_match_the_registry():
+    """csrc/cells/cells.h lists the C++ cells: each has the registry's traits (gates, states,
+    reads h, split hidden gradient, saved values), so the Python side restates nothing."""
+    from fusedrnn.backend.cpu import _traits
+    names = torch.ops.fusedrnn.cell_names()
+    assert sorted(names) == sorted(CELLS)
+    for name in names:
+        assert tuple(torch.ops.fusedrnn.cell_traits(name)) == _traits(CELLS[name]), name
+    with pytest.raises(RuntimeError, match="unknown cell"):
+        torch.ops.fusedrnn.cell_traits("lstm2")

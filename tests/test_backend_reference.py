@@ -4,7 +4,7 @@ import torch
 
 from fusedrnn.backend.reference import BACKEND
 from fusedrnn.cells import CELLS
-from sequence_check import gradcheck_sequence, random_batch_sizes, sequence_inputs
+from sequence_check import gradcheck_sequence, random_batch_sizes, run_sequence, sequence_inputs
 
 
 @pytest.mark.parametrize("cell_name", list(CELLS))
@@ -21,14 +21,14 @@ def test_packed_rows_match_separate_runs(rng, cell_name):
     args = sequence_inputs(cell, batch_sizes, hidden=3)
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), batch_sizes.cumsum(0)])
     for reverse in (False, True):
-        y, h, c = BACKEND.sequence(cell, **args, reverse=reverse)
+        y, h, c = run_sequence(BACKEND, cell, args, reverse)
         for b in range(int(batch_sizes[0])):
             steps = int((batch_sizes > b).sum())
             rows = offsets[:steps] + b
             alone = dict(args, xp=args["xp"][rows], batch_sizes=torch.ones(steps, dtype=torch.int64),
                          h0=args["h0"][b:b + 1],
                          c0=args["c0"][b:b + 1] if args["c0"] is not None else None)
-            y1, h1, c1 = BACKEND.sequence(cell, **alone, reverse=reverse)
+            y1, h1, c1 = run_sequence(BACKEND, cell, alone, reverse)
             torch.testing.assert_close(y[rows], y1, rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(h[b:b + 1], h1, rtol=1e-12, atol=1e-12)
             if c is not None:

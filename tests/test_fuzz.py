@@ -295,6 +295,8 @@ def _configs(kinds, faults, backend):
 
 
 def _fuzz(backend, dtype, examples, kinds, faults):
+    ran = []
+
     @settings(max_examples=examples, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
     @given(_configs(kinds, faults, backend))
@@ -302,7 +304,10 @@ def _fuzz(backend, dtype, examples, kinds, faults):
         if cfg["proj"] >= cfg["hidden"]:
             cfg = dict(cfg, proj=0)
         _compare(cfg["kind"], backend, dtype, cfg, cfg["fault"], cfg["seed"])
+        ran.append(cfg["fault"])
     check()
+    faulty = sum(f is not None for f in ran)
+    print(f"\nfuzz {backend} {kinds[0]}...: {len(ran)} examples, {faulty} with a malformed input")
 
 
 @pytest.mark.parametrize("backend,dtype,examples", [

@@ -21,6 +21,7 @@ pytest.importorskip("triton")
 import fusedrnn  # noqa: E402
 from fusedrnn import dispatch  # noqa: E402
 from fusedrnn.backend import triton as triton_backend  # noqa: E402
+from fusedrnn.backend.base import LayerSpec  # noqa: E402
 from fusedrnn.cells import CELLS  # noqa: E402
 from sequence_check import check_sequence, random_batch_sizes  # noqa: E402
 
@@ -91,7 +92,7 @@ def test_persistent_padded_hidden(rng):
 def test_inference_skips_saving(path, rng):
     """Without grad the forward writes no backward buffers; outputs must not change."""
     from fusedrnn.backend.reference import BACKEND as reference
-    from sequence_check import sequence_inputs
+    from sequence_check import run_sequence, sequence_inputs
     for cell, proj in (("lstm", 6 if path is triton_backend.ALTERNATING else 0), ("gru", 0)):
         args = sequence_inputs(CELLS[cell], random_batch_sizes(rng, 4, 5, True), 10, proj,
                                dtype=torch.float32)
@@ -103,12 +104,12 @@ def test_inference_skips_saving(path, rng):
         path.forward_loop = recording_loop
         try:
             with torch.no_grad():
-                ours = path.sequence(CELLS[cell], **args, reverse=True)
+                ours = run_sequence(path, CELLS[cell], args, reverse=True)
         finally:
             del path.forward_loop
         assert calls == [False]
         with torch.no_grad():
-            ref = reference.sequence(CELLS[cell], **args, reverse=True)
+            ref = run_sequence(reference, CELLS[cell], args, reverse=True)
         for a, b in zip(ours, ref):
             if b is not None:
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -155,26 +156,25 @@ def test_module_matches_torch_nn(mode, proj, given_states, rng):
 
 def test_dispatch_names_and_fallback(caplog):
     cpu, lstm = torch.device("cpu"), CELLS["lstm"]
-    assert dispatch.select("triton", cpu, torch.float32, lstm, 20) is triton_backend.PERSISTENT
-    assert dispatch.select("triton:alternating", cpu, torch.float16, lstm, 20) \
+    spec = lambda dtype, hidden, proj=0: LayerSpec(cpu, dtype, lstm, hidden, proj)  # noqa: E731
+    assert dispatch.select("triton", spec(torch.float32, 20)) is triton_backend.PERSISTENT
+    assert dispatch.select("triton:alternating", spec(torch.float16, 20)) \
         is triton_backend.ALTERNATING
     # the CPU auto order never picks the (slow) interpreter
-    assert dispatch.select("auto", cpu, torch.float32, lstm, 20).name == dispatch._AUTO_ORDER["cpu"][0]
+    assert dispatch.select("auto", spec(torch.float32, 20)).name == dispatch._AUTO_ORDER["cpu"][0]
     with caplog.at_level(logging.DEBUG, logger="fusedrnn"):
-        assert dispatch.select("triton", cpu, torch.float32, lstm, 512) \
-            is triton_backend.ALTERNATING
-        assert dispatch.select("triton", cpu, torch.float32, lstm, 20, proj_size=8) \
-            is triton_backend.ALTERNATING
+        assert dispatch.select("triton", spec(torch.float32, 512)) is triton_backend.ALTERNATING
+        assert dispatch.select("triton", spec(torch.float32, 20, 8)) is triton_backend.ALTERNATING
     assert "on-chip budget" in caplog.text and "proj_size" in caplog.text
     with pytest.raises(dispatch.BackendUnavailableError, match="float64"):
-        dispatch.select("triton", cpu, torch.float64, lstm, 20)
+        dispatch.select("triton", spec(torch.float64, 20))
     assert fusedrnn.backends()["triton:persistent"] == "available"
 
 
 def test_cpu_tensors_need_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
-    reason = dispatch._reason("triton:persistent", torch.device("cpu"), torch.float32,
-                              CELLS["gru"], 20, 0)
+    reason = dispatch.reason("triton:persistent",
+                             LayerSpec(torch.device("cpu"), torch.float32, CELLS["gru"], 20))
     assert reason is not None and "TRITON_INTERPRET" in reason
 
 
@@ -207,11 +207,17 @@ def test_kernels_compile_for_sm80_and_sm90():
     """Each kernel compiles with Triton's real compiler for sm_80 and sm_90 at the largest
     persistent tiles the on-chip budget admits (and the per-step kernels), within the
     per-block shared-memory limit, without local memory, and without spill stack except
-    where fusedrnn/kernels/README.md documents it. Runs in a subprocess without TRITON_INTERPRET
+    where fusedrnn/kernels/README.md documents it (bench/compile_report.py). Runs in a
+    subprocess without TRITON_INTERPRET
     (a compiler crash would abort the process)."""
-    from fusedrnn.kernels.compile_report import DEFAULT_CONFIGS, SHARED_LIMIT
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+    sys.path.insert(0, bench)
+    try:
+        from compile_report import DEFAULT_CONFIGS, SHARED_LIMIT
+    finally:
+        sys.path.remove(bench)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "fusedrnn.kernels.compile_report"], env=env,
+    out = subprocess.run([sys.executable, os.path.join(bench, "compile_report.py")], env=env,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     reports = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]

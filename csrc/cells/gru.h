@@ -9,6 +9,7 @@ namespace cells {
 struct GRU {
   static constexpr int kGates = 3;
   static constexpr int kSaved = 4;  // r, z, n and hn = W_hn h + b_hn, each H wide
+  static constexpr bool kReadsH = true;
   static constexpr bool kCellState = false;
   static constexpr bool kSplitHiddenGrad = true;  // r scales hn, so d(hg_n) != d(xg_n)
 

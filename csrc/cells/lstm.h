@@ -9,6 +9,7 @@ namespace cells {
 struct LSTM {
   static constexpr int kGates = 4;
   static constexpr int kSaved = 5;  // i, f, g, o (activated) and tanh(c), each H wide
+  static constexpr bool kReadsH = false;
   static constexpr bool kCellState = true;
   static constexpr bool kSplitHiddenGrad = false;  // d(hg) == d(xg)
 

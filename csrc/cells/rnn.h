@@ -9,6 +9,7 @@ template <bool kRelu>
 struct RNN {
   static constexpr int kGates = 1;
   static constexpr int kSaved = 1;  // h
+  static constexpr bool kReadsH = false;
   static constexpr bool kCellState = false;
   static constexpr bool kSplitHiddenGrad = false;
 

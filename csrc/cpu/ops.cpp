@@ -15,6 +15,8 @@ TORCH_LIBRARY(fusedrnn, m) {
   m.def("mm_rows(Tensor a, Tensor b) -> Tensor");
   m.def("mm_tn(Tensor a, Tensor b) -> Tensor");
   m.def("release_cached_buffers() -> int", &fusedrnn::cpu::release_cached_buffers);
+  m.def("cell_names() -> str[]", &fusedrnn::cpu::cell_names);
+  m.def("cell_traits(str cell) -> int[]", &fusedrnn::cpu::cell_traits);
   m.def("cached_buffer_bytes() -> int[]", &fusedrnn::cpu::cached_buffer_bytes);
 }
 

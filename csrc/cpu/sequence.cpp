@@ -21,9 +21,7 @@
 #include <type_traits>
 #include <utility>
 
-#include "cells/gru.h"
-#include "cells/lstm.h"
-#include "cells/rnn.h"
+#include "cells/cells.h"
 
 // torch's MKL (when it has one): a thread-local thread count, to keep tiny per-step GEMMs off
 // the thread pool. Weak, so that a torch built without MKL still loads the extension.
@@ -439,12 +437,13 @@ struct Kernel {
   }
 };
 
+// Calls f with the cell type named `cell` (csrc/cells/cells.h lists them).
 template <typename F>
 void with_cell(const std::string& cell, F&& f) {
-  if (cell == "lstm") return f(cells::LSTM{});
-  if (cell == "gru") return f(cells::GRU{});
-  if (cell == "rnn_tanh") return f(cells::RNNTanh{});
-  if (cell == "rnn_relu") return f(cells::RNNRelu{});
+#define FUSEDRNN_CELL_CASE(NAME, TYPE) \
+  if (cell == NAME) return f(cells::TYPE{});
+  FUSEDRNN_FOR_EACH_CELL(FUSEDRNN_CELL_CASE)
+#undef FUSEDRNN_CELL_CASE
   TORCH_CHECK(false, "fusedrnn: unknown cell '", cell, "'");
 }
 
@@ -479,16 +478,39 @@ at::ScalarType float_dtype(const char* op, const Tensor& t) {
 
 Tensor given(const c10::optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
 
-}  // namespace
-
-Tensor mm_rows(const Tensor& a, const Tensor& b) {
-  constexpr const char* op = "fusedrnn::mm_rows";
-  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), op, ": shapes ",
-              a.sizes(), " and ", b.sizes(), " cannot be multiplied");
+// The two GEMM ops: 2-D CPU operands of one float dtype whose shapes fit (`shapes_fit`).
+void check_gemm_operands(const char* op, const Tensor& a, const Tensor& b, bool shapes_fit) {
+  TORCH_CHECK(shapes_fit, op, ": operands of shapes ", a.sizes(), " and ", b.sizes(),
+              " do not fit");
   TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu() &&
                   float_dtype(op, a) == b.scalar_type(),
               op, ": two CPU tensors of one float dtype, got ", a.scalar_type(), " on ",
               a.device(), " and ", b.scalar_type(), " on ", b.device());
+}
+
+}  // namespace
+
+std::vector<std::string> cell_names() {
+  std::vector<std::string> names;
+#define FUSEDRNN_CELL_NAME(NAME, TYPE) names.push_back(NAME);
+  FUSEDRNN_FOR_EACH_CELL(FUSEDRNN_CELL_NAME)
+#undef FUSEDRNN_CELL_NAME
+  return names;
+}
+
+std::vector<int64_t> cell_traits(const std::string& cell) {
+  std::vector<int64_t> traits;
+  with_cell(cell, [&](auto c) {
+    using Cell = decltype(c);
+    traits = {Cell::kGates, Cell::kCellState ? 2 : 1, Cell::kReadsH, Cell::kSplitHiddenGrad,
+              Cell::kSaved};
+  });
+  return traits;
+}
+
+Tensor mm_rows(const Tensor& a, const Tensor& b) {
+  check_gemm_operands("fusedrnn::mm_rows", a, b,
+                      a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0));
   Tensor out = cached_empty({a.size(0), b.size(1)}, a.options());
   mm_rows_out(out, a.detach(), b.detach());
   return out;
@@ -501,13 +523,8 @@ Tensor mm_rows(const Tensor& a, const Tensor& b) {
 // Splitting the rows into per-thread chunks and summing the partials, the previous route,
 // was slower than both.
 Tensor mm_tn(const Tensor& a, const Tensor& b) {
-  constexpr const char* op = "fusedrnn::mm_tn";
-  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(0) == b.size(0), op, ": shapes ",
-              a.sizes(), " and ", b.sizes(), " do not share rows");
-  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu() &&
-                  float_dtype(op, a) == b.scalar_type(),
-              op, ": two CPU tensors of one float dtype, got ", a.scalar_type(), " on ",
-              a.device(), " and ", b.scalar_type(), " on ", b.device());
+  check_gemm_operands("fusedrnn::mm_tn", a, b,
+                      a.dim() == 2 && b.dim() == 2 && a.size(0) == b.size(0));
   c10::NoGradGuard no_grad;
   Tensor out = cached_empty({a.size(1), b.size(1)}, a.options());
   if (a.size(1) < 8 * b.size(1)) return at::mm_out(out, a.t(), b);

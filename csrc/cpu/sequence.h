@@ -28,6 +28,12 @@ std::vector<at::Tensor> sequence_backward(const std::string& cell, const at::Ten
                                           const at::Tensor& grad_hn,
                                           const c10::optional<at::Tensor>& grad_cn);
 
+// The cells the kernels were built for (csrc/cells/cells.h), and one cell's traits as
+// {gates, states, reads h_prev, split hidden grad, saved per hidden unit}: the Python registry
+// (fusedrnn/cells.py) is checked against them.
+std::vector<std::string> cell_names();
+std::vector<int64_t> cell_traits(const std::string& cell);
+
 // The whole-sequence GEMMs: a @ b (input projection, dx) split over rows by hand across the
 // intra-op threads; a^T @ b (weight gradients) as one MKL GEMM in its faster operand order.
 at::Tensor mm_rows(const at::Tensor& a, const at::Tensor& b);

@@ -1,4 +1,4 @@
-"""The per-layer, per-direction sequence interface every backend implements.
+"""The per-layer, per-direction interface every backend implements.
 
 Input rows are time-major with per-step active-row counts (PackedSequence's
 ``batch_sizes``): step t owns ``batch_sizes[t]`` rows, the counts never increase, and a
@@ -8,7 +8,8 @@ initial) state, which is exactly the final state torch.nn returns for packed inp
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import FrozenSet, Mapping, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,53 @@ def step_rows(batch_sizes: Tensor):
     return sizes, offsets
 
 
+class LayerSpec(NamedTuple):
+    """What a backend is chosen by (and what dispatch caches its choice under)."""
+    device: torch.device
+    dtype: torch.dtype
+    cell: Cell
+    hidden_size: int
+    proj_size: int = 0
+    extras: FrozenSet[str] = frozenset()  # the names of the cell's extra parameters given
+    masks: FrozenSet[str] = frozenset()   # the names of the masks given
+
+
+@dataclass(frozen=True)
+class LayerArgs:
+    """One layer and direction, as ``functional.rnn_layer`` hands it to every backend.
+
+    batch_sizes: [T] int64 on the CPU, non-increasing (checked by the modules); B = its first
+    h0:          [B, Hout]   Hout = proj_size or H
+    c0:          [B, H] for a cell with a cell state, else None
+    w_ih, b_ih:  [G*H, I], [G*H] or None (``layer`` uses them; ``sequence`` gets xp instead)
+    w_hh, b_hh:  [G*H, Hout], [G*H] or None;  w_hr: [Hout, H] or None (LSTM proj_size)
+    extras:      the cell's extra parameters by name (``Cell.extra_params``)
+    masks:       per-step masks by name (zoneout, variational dropout): room for the cells
+                 that will use them; a backend that cannot honour one says so
+    """
+    cell: Cell
+    batch_sizes: Tensor
+    h0: Tensor
+    c0: Optional[Tensor]
+    w_ih: Optional[Tensor]
+    w_hh: Tensor
+    b_ih: Optional[Tensor]
+    b_hh: Optional[Tensor]
+    w_hr: Optional[Tensor]
+    reverse: bool
+    extras: Mapping[str, Tensor] = field(default_factory=dict)
+    masks: Mapping[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.w_hh.shape[0] // self.cell.gates
+
+    def spec(self, x: Tensor) -> LayerSpec:
+        return LayerSpec(x.device, x.dtype, self.cell, self.hidden_size,
+                         self.w_hr.shape[0] if self.w_hr is not None else 0,
+                         frozenset(self.extras), frozenset(self.masks))
+
+
 class Backend:
     """One way to run a layer. Subclasses implement ``sequence``; the availability checks and
     ``layer`` have defaults they override where needed."""
@@ -36,33 +84,25 @@ class Backend:
         """None when usable on this machine, else why not (missing extension, no GPU, ...)."""
         return None
 
-    def unsupported_reason(self, device: torch.device, dtype: torch.dtype, cell: Cell,
-                           hidden_size: int, proj_size: int) -> Optional[str]:
-        """None when this backend handles the given layer, else why not."""
+    def unsupported_reason(self, spec: LayerSpec) -> Optional[str]:
+        """None when this backend handles the layer, else why not. The default refuses extra
+        parameters and masks: a backend that honours them says so by overriding this."""
+        if spec.extras or spec.masks:
+            return f"{self.name} does not take extra parameters or masks " \
+                   f"({', '.join(sorted(spec.extras | spec.masks))})"
         return None
 
-    def sequence(self, cell: Cell, xp: Tensor, batch_sizes: Tensor, h0: Tensor,
-                 c0: Optional[Tensor], w_hh: Tensor, b_hh: Optional[Tensor],
-                 w_hr: Optional[Tensor], reverse: bool):
-        """Run one layer and direction; differentiable in every tensor argument.
-
-        xp:          [rows, G*H]  the hoisted input projection ``x @ W_ih^T + b_ih``
-        batch_sizes: [T] int64 on the CPU, non-increasing, ``sum == rows``
-        h0:          [B, Hout]    Hout = proj_size or H; B == batch_sizes[0]
-        c0:          [B, H] for LSTM, else None
-        w_hh:        [G*H, Hout];  b_hh: [G*H] or None;  w_hr: [Hout, H] or None (LSTM proj)
-        returns y [rows, Hout], h_n [B, Hout], c_n [B, H] or None
-        """
+    def sequence(self, xp: Tensor, args: LayerArgs):
+        """Run one layer and direction from its hoisted input projection
+        ``xp = x @ W_ih^T + b_ih`` ([rows, G*H]); differentiable in every tensor argument.
+        Returns ``y [rows, Hout], h_n [B, Hout], c_n [B, H] or None``."""
         raise NotImplementedError
 
-    def layer(self, cell: Cell, x: Tensor, batch_sizes: Tensor, h0: Tensor, c0: Optional[Tensor],
-              w_ih: Tensor, w_hh: Tensor, b_ih: Optional[Tensor], b_hh: Optional[Tensor],
-              w_hr: Optional[Tensor], reverse: bool):
+    def layer(self, x: Tensor, args: LayerArgs):
         """The whole layer direction from its input rows ``x [rows, I]``.
 
         By default the hoisted input projection (one GEMM over every row) followed by
         ``sequence``; a kernel backend may override it to fuse the projection's bias and
         gradients into its own kernels.
         """
-        return self.sequence(cell, F.linear(x, w_ih, b_ih), batch_sizes, h0, c0, w_hh, b_hh,
-                             w_hr, reverse)
+        return self.sequence(F.linear(x, args.w_ih, args.b_ih), args)

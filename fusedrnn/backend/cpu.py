@@ -7,14 +7,16 @@ sums taken inside the pointwise pass, so no separate reduction runs over the gra
 """
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import Optional, Tuple
 
 import torch
-from ..cells import CELLS
+
+from ..cells import CELLS, Cell
 from .base import Backend
 from .reference import run_layer
-from .transforms import (differentiable_vjp, needs_differentiable_backward, reference_jvp,
-                         under_transform, vmap_by_loop)
+from .transforms import (differentiable_vjp, needs_differentiable_backward,
+                         transformable_function, under_transform)
 
 _DTYPES = (torch.float32, torch.float64)
 
@@ -39,9 +41,9 @@ def _reference(cell_name, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, 
                      reverse)
 
 
-def _save(ctx, inputs, saved):
+def _save(ctx, inputs, outputs):
     ctx.cell_name, ctx.reverse = inputs[0], inputs[-1]
-    ctx.save_for_backward(*inputs[1:-1], *saved)
+    ctx.save_for_backward(*inputs[1:-1], *outputs[3:])
 
 
 def _backward(ctx, grad_y, grad_hn, grad_cn, *_):
@@ -71,6 +73,13 @@ def _backward(ctx, grad_y, grad_hn, grad_cn, *_):
             dw_hr if w_hr is not None else None, None)
 
 
+def _forward_saving(cell_name, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
+    """(y, h_n, c_n, *saved): the training forward, c_n None for a cell without one."""
+    y, h_n, c_n, *saved = _forward(cell_name, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                   w_hr, reverse, True)
+    return (y, h_n, c_n if c0 is not None else None, *saved)
+
+
 class _Layer(torch.autograd.Function):
     """(cell_name, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse) ->
     (y, h_n, c_n). With ``w_ih`` None, x is already the projection xp (``sequence``).
@@ -80,44 +89,16 @@ class _Layer(torch.autograd.Function):
     ``_TransformableLayer``."""
 
     @staticmethod
-    def forward(ctx, cell_name, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
-        inputs = (cell_name, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse)
-        y, h_n, c_n, *saved = _forward(*inputs, True)
-        _save(ctx, inputs, saved)
-        return y, h_n, (c_n if c0 is not None else None)
+    def forward(ctx, *inputs):
+        outputs = _forward_saving(*inputs)
+        _save(ctx, inputs, outputs)
+        return outputs[:3]
 
     backward = staticmethod(_backward)
 
 
-class _TransformableLayer(torch.autograd.Function):
-    """_Layer in the form torch.func accepts (``setup_context``), with a ``vmap`` rule and
-    forward-mode derivatives from the reference. Returns (y, h_n, c_n, *saved): what the
-    fused backward reads must be an output to reach ``setup_context`` (not differentiable)."""
-
-    @staticmethod
-    def forward(cell_name, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
-        y, h_n, c_n, *saved = _forward(cell_name, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh,
-                                       w_hr, reverse, True)
-        return (y, h_n, c_n if c0 is not None else None, *saved)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.mark_non_differentiable(*output[3:])
-        ctx.set_materialize_grads(False)  # no zeros for the saved activations' gradients
-        _save(ctx, inputs, output[3:])
-        ctx.save_for_forward(*inputs[1:-1])
-
-    backward = staticmethod(_backward)
-
-    @staticmethod
-    def jvp(ctx, *tangents):
-        inputs = (ctx.cell_name, *ctx.saved_tensors[:9], ctx.reverse)
-        y, h_n, c_n = reference_jvp(_reference, inputs, tangents)
-        return (y, h_n, c_n, *[None] * 4)
-
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return vmap_by_loop(_TransformableLayer.apply, info, in_dims, args)
+_TransformableLayer = transformable_function("_TransformableLayer", _forward_saving, _save,
+                                             _backward, _reference)
 
 
 def _contiguous(*tensors):
@@ -147,12 +128,6 @@ def release_cached_buffers() -> int:
     return int(torch.ops.fusedrnn.release_cached_buffers())
 
 
-# Activations the C++ forward saves per row, in units of H (kSaved in csrc/cells/*.h); the fake
-# kernels below need it for the saved tensor's shape, and test_fake_kernels_match_the_ops checks
-# them against the real ops for every cell.
-_SAVED_PER_H = {"lstm": 5, "gru": 4, "rnn_tanh": 1, "rnn_relu": 1}
-
-
 def _register_fake_kernels():
     """Shape-only versions of the C++ ops, so that torch.compile can trace a whole model through
     them (``fullgraph=True``) instead of breaking the graph at each layer."""
@@ -170,7 +145,7 @@ def _register_fake_kernels():
         rows, (B, h_out) = xp.shape[0], h0.shape
         H = w_hh.shape[0] // CELLS[cell].gates
         lstm = CELLS[cell].has_cell_state
-        saved = ([xp.new_empty(rows, _SAVED_PER_H[cell] * H), xp.new_empty(rows, h_out),
+        saved = ([xp.new_empty(rows, CELLS[cell].saved_per_h * H), xp.new_empty(rows, h_out),
                   xp.new_empty(rows if lstm else 0, H),
                   xp.new_empty(rows if w_hr is not None else 0, H)]
                  if train else [xp.new_empty(0) for _ in range(4)])
@@ -192,6 +167,20 @@ if _IMPORT_ERROR is None:
     _register_fake_kernels()
 
 
+@functools.lru_cache(maxsize=None)
+def _cpp_traits(name: str) -> Optional[Tuple[int, ...]]:
+    """A cell's traits as the C++ kernels were built with them (csrc/cells/cells.h), or None
+    when the extension has no such cell."""
+    if name not in torch.ops.fusedrnn.cell_names():
+        return None
+    return tuple(torch.ops.fusedrnn.cell_traits(name))
+
+
+def _traits(cell: Cell) -> Tuple[int, ...]:
+    return (cell.gates, cell.states, int(cell.reads_h), int(cell.split_hidden_grad),
+            cell.saved_per_h)
+
+
 class CpuBackend(Backend):
     name = "cpu"
 
@@ -200,21 +189,30 @@ class CpuBackend(Backend):
             return f"the C++ extension fusedrnn._C is not built ({_IMPORT_ERROR})"
         return None
 
-    def unsupported_reason(self, device, dtype, cell, hidden_size, proj_size):
-        if device.type != "cpu":
-            return f"runs on CPU tensors only, not {device.type}"
-        if dtype not in _DTYPES:
-            return f"supports float32 and float64, not {dtype}"
-        return None
+    def unsupported_reason(self, spec):
+        if spec.device.type != "cpu":
+            return f"runs on CPU tensors only, not {spec.device.type}"
+        if spec.dtype not in _DTYPES:
+            return f"supports float32 and float64, not {spec.dtype}"
+        cpp = _cpp_traits(spec.cell.name)
+        if cpp is None:
+            return f"the C++ kernels have no cell {spec.cell.name!r} (csrc/cells/cells.h)"
+        if cpp != _traits(spec.cell):
+            return (f"the C++ cell {spec.cell.name!r} has traits {cpp}, the registry's has "
+                    f"{_traits(spec.cell)} (gates, states, reads h, split hg, saved)")
+        return super().unsupported_reason(spec)
 
-    def sequence(self, cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse):
-        xp, h0, c0, w_hh, b_hh, w_hr = _contiguous(xp, h0, c0, w_hh, b_hh, w_hr)
-        return _run(cell.name, xp, batch_sizes, h0, c0, None, w_hh, None, b_hh, w_hr, reverse)
+    def sequence(self, xp, args):
+        xp, h0, c0, w_hh, b_hh, w_hr = _contiguous(xp, args.h0, args.c0, args.w_hh, args.b_hh,
+                                                   args.w_hr)
+        return _run(args.cell.name, xp, args.batch_sizes, h0, c0, None, w_hh, None, b_hh, w_hr,
+                    args.reverse)
 
-    def layer(self, cell, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
-        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = _contiguous(x, h0, c0, w_ih, w_hh, b_ih, b_hh,
-                                                              w_hr)
-        return _run(cell.name, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse)
+    def layer(self, x, args):
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = _contiguous(
+            x, args.h0, args.c0, args.w_ih, args.w_hh, args.b_ih, args.b_hh, args.w_hr)
+        return _run(args.cell.name, x, args.batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
+                    args.reverse)
 
 
 BACKEND = CpuBackend()

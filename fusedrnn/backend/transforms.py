@@ -104,3 +104,40 @@ def vmap_by_loop(apply: Callable, info, in_dims: Sequence[Optional[int]], args: 
         outs.append(apply(*[a if d is None else a.select(d, b) for a, d in zip(args, in_dims)]))
     stacked = tuple(None if o[0] is None else torch.stack(o) for o in zip(*outs))
     return stacked, tuple(None if o is None else 0 for o in stacked)
+
+
+_TENSOR = object()  # marks a tensor slot in the inputs a transformable Function keeps
+
+
+def transformable_function(name: str, forward: Callable, save: Callable, backward: Callable,
+                           reference: Callable):
+    """A kernel backend's Function in the form torch.func accepts (``setup_context``), with a
+    ``vmap`` rule and forward-mode derivatives from ``reference``.
+
+    ``forward(*inputs) -> (y, h_n, c_n, *saved)``: what the fused backward reads must be an
+    output to reach ``setup_context`` (it is marked not differentiable). ``save(ctx, inputs,
+    outputs)`` stores what ``backward`` (the backend's, shared with its plain Function)
+    reads; ``reference(*inputs) -> (y, h_n, c_n)`` is the same layer in torch ops.
+    """
+
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(*output[3:])
+        ctx.set_materialize_grads(False)  # no zeros for the saved activations' gradients
+        save(ctx, inputs, output)
+        ctx.outputs = len(output)
+        ctx.template = [_TENSOR if isinstance(a, Tensor) else a for a in inputs]
+        ctx.save_for_forward(*[a for a in inputs if isinstance(a, Tensor)])
+
+    def jvp(ctx, *tangents):
+        tensors = iter(ctx.saved_tensors)
+        inputs = [next(tensors) if a is _TENSOR else a for a in ctx.template]
+        return (*reference_jvp(reference, inputs, tangents), *[None] * (ctx.outputs - 3))
+
+    def vmap(info, in_dims, *args):
+        return vmap_by_loop(function.apply, info, in_dims, args)
+
+    function = type(name, (torch.autograd.Function,), dict(
+        __doc__=transformable_function.__doc__, forward=staticmethod(forward),
+        setup_context=staticmethod(setup_context), backward=staticmethod(backward),
+        jvp=staticmethod(jvp), vmap=staticmethod(vmap)))
+    return function

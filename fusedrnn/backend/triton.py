@@ -8,6 +8,7 @@ makes the kernels run on CPU tensors in Triton's interpreter.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import sys
@@ -16,8 +17,8 @@ from typing import List, Optional
 import torch
 from .base import Backend, step_rows
 from .reference import run_sequence
-from .transforms import (differentiable_vjp, needs_differentiable_backward, reference_jvp,
-                         under_transform, vmap_by_loop)
+from .transforms import (differentiable_vjp, needs_differentiable_backward,
+                         transformable_function, under_transform)
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -65,10 +66,24 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def _kernels():
     """Import the kernel modules (and Triton) on first use."""
-    from ..kernels import cells, persistent, pointwise
-    return cells, pointwise, persistent
+    from ..kernels import persistent, pointwise
+    return pointwise, persistent
+
+
+def _traits(cell, backward: bool):
+    """The cell's math and traits as the generic kernels' constexprs (kernels/pointwise.py)."""
+    fwd, bwd = cell.triton_math()
+    traits = dict(G=cell.gates, HAS_C=cell.has_cell_state)
+    if backward:
+        return dict(traits, BWD=bwd, READS_H=cell.reads_h, SPLIT_HG=cell.split_hidden_grad)
+    return dict(traits, FWD=fwd)
 
 
 def _prev_step(t: int, steps: int, reverse: bool) -> Optional[int]:
@@ -96,10 +111,10 @@ def _reference(path, cell, batch_sizes, reverse, save, xp, h0, c0, w_hh, b_hh, w
     return run_sequence(cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse)
 
 
-def _save(ctx, inputs, y, saved):
+def _save(ctx, inputs, outputs):
     path, cell, batch_sizes, reverse, _, *tensors = inputs
     ctx.path, ctx.cell, ctx.reverse = path, cell, reverse
-    ctx.save_for_backward(batch_sizes, *tensors, y, *saved)
+    ctx.save_for_backward(batch_sizes, *tensors, outputs[0], *outputs[3:])
 
 
 def _backward(ctx, dy, dh_n, dc_n=None, *_):
@@ -124,76 +139,57 @@ def _backward(ctx, dy, dh_n, dc_n=None, *_):
     return None, None, None, None, None, dxp, dh0, dc0, d_w_hh, d_b_hh, d_w_hr
 
 
+def _forward_saving(path, cell, batch_sizes, reverse, save, xp, h0, c0, w_hh, b_hh, w_hr):
+    """(y, h_n, c_n, *saved); ``saved`` is empty unless ``save``."""
+    sizes, offsets = step_rows(batch_sizes)
+    y, h_n, c_n, saved = path.forward_loop(cell, sizes, offsets, reverse, xp, h0, c0, w_hh,
+                                           b_hh, w_hr, save)
+    return (y, h_n, c_n, *saved)
+
+
 class _Sequence(torch.autograd.Function):
     """(path, cell, batch_sizes, reverse, save, xp, h0, c0, w_hh, b_hh, w_hr) -> (y, h_n, c_n);
     ``path`` runs the forward and backward loops. The form autograd calls cheapest (see
     cpu._Layer); torch.func needs ``_TransformableSequence``."""
 
     @staticmethod
-    def forward(ctx, path, cell, batch_sizes, reverse, save, xp, h0, c0, w_hh, b_hh, w_hr):
-        sizes, offsets = step_rows(batch_sizes)
-        y, h_n, c_n, saved = path.forward_loop(cell, sizes, offsets, reverse, xp, h0, c0,
-                                               w_hh, b_hh, w_hr, save)
-        _save(ctx, (path, cell, batch_sizes, reverse, save, xp, h0, c0, w_hh, b_hh, w_hr), y,
-              saved)
-        return y, h_n, c_n
+    def forward(ctx, *inputs):
+        outputs = _forward_saving(*inputs)
+        _save(ctx, inputs, outputs)
+        return outputs[:3]
 
     backward = staticmethod(_backward)
 
 
-class _TransformableSequence(torch.autograd.Function):
-    """_Sequence in the form torch.func accepts (``setup_context``), with a ``vmap`` rule and
-    forward-mode derivatives from the reference. Returns (y, h_n, c_n, *saved): what the
-    fused backward reads must be an output to reach ``setup_context`` (not differentiable)."""
-
-    @staticmethod
-    def forward(path, cell, batch_sizes, reverse, save, xp, h0, c0, w_hh, b_hh, w_hr):
-        sizes, offsets = step_rows(batch_sizes)
-        y, h_n, c_n, saved = path.forward_loop(cell, sizes, offsets, reverse, xp, h0, c0,
-                                               w_hh, b_hh, w_hr, save)
-        return (y, h_n, c_n, *saved)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.mark_non_differentiable(*output[3:])
-        ctx.set_materialize_grads(False)  # no zeros for the saved activations' gradients
-        _save(ctx, inputs, output[0], output[3:])
-        ctx.outputs = len(output)
-        ctx.save_for_forward(inputs[2], *inputs[5:])
-
-    backward = staticmethod(_backward)
-
-    @staticmethod
-    def jvp(ctx, *tangents):
-        batch_sizes, *tensors = ctx.saved_tensors
-        inputs = (ctx.path, ctx.cell, batch_sizes, ctx.reverse, True, *tensors)
-        return (*reference_jvp(_reference, inputs, tangents), *[None] * (ctx.outputs - 3))
-
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return vmap_by_loop(_TransformableSequence.apply, info, in_dims, args)
+_TransformableSequence = transformable_function("_TransformableSequence", _forward_saving,
+                                                _save, _backward, _reference)
 
 
 class _TritonBackend(Backend):
     def unavailable_reason(self) -> Optional[str]:
-        if importlib.util.find_spec("triton") is None:
+        if not _triton_installed():
             return "triton is not installed (pip install 'fusedrnn[triton]')"
         if not torch.cuda.is_available() and not _interpreting():
             return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU tensors)"
         return _mode_mismatch()
 
-    def unsupported_reason(self, device, dtype, cell, hidden_size, proj_size):
-        if dtype not in _DTYPES:
-            return f"dtype {dtype} is not supported (float32, float16, bfloat16 are)"
-        if device.type == "cpu" and not _interpreting():
+    def unsupported_reason(self, spec):
+        if spec.dtype not in _DTYPES:
+            return f"dtype {spec.dtype} is not supported (float32, float16, bfloat16 are)"
+        if spec.device.type == "cpu" and not _interpreting():
             return "CPU tensors need TRITON_INTERPRET=1"
-        if device.type not in ("cpu", "cuda"):
-            return f"device {device.type} is not supported"
-        return None
+        if spec.device.type not in ("cpu", "cuda"):
+            return f"device {spec.device.type} is not supported"
+        if spec.cell.triton_math is None:
+            return f"cell {spec.cell.name!r} has no Triton math (Cell.triton_math)"
+        if spec.cell.gates > 4:
+            return f"the kernels load at most 4 gate tiles, {spec.cell.name!r} has {spec.cell.gates}"
+        return super().unsupported_reason(spec)
 
-    def sequence(self, cell, xp, batch_sizes, h0, c0, w_hh, b_hh, w_hr, reverse):
+    def sequence(self, xp, args):
+        cell, batch_sizes, reverse = args.cell, args.batch_sizes, args.reverse
         tensors = [t.contiguous() if t is not None else None
-                   for t in (xp, h0, c0, w_hh, b_hh, w_hr)]
+                   for t in (xp, args.h0, args.c0, args.w_hh, args.b_hh, args.w_hr)]
         if under_transform():
             return _TransformableSequence.apply(self, cell, batch_sizes, reverse, True,
                                                 *tensors)[:3]
@@ -213,7 +209,7 @@ class AlternatingBackend(_TritonBackend):
         return (_cdiv(n, self.BR), _cdiv(hidden, bh)), bh
 
     def forward_loop(self, cell, sizes, offsets, reverse, xp, h0, c0, w_hh, b_hh, w_hr, save):
-        cells, pointwise, _ = _kernels()
+        pointwise, _ = _kernels()
         rows, hidden = xp.shape[0], w_hh.shape[0] // cell.gates
         lstm = cell.has_cell_state
         y = xp.new_empty(rows, h0.shape[1])
@@ -239,7 +235,7 @@ class AlternatingBackend(_TritonBackend):
             grid, bh = self._grid(n, hidden)
             pointwise.step_fwd_kernel[grid](
                 xp[off:], hg, h, c if lstm else y, out, c_all[off:] if save else y, n, hidden,
-                CELL=cells.CELL_IDS[cell.name], G=cell.gates, WRITE_H=w_hr is None,
+                **_traits(cell, backward=False), READS_H=cell.reads_h, WRITE_H=w_hr is None,
                 SAVE=save, BR=self.BR, BH=bh)
             if w_hr is not None:
                 torch.mm(out, w_hr.t(), out=y[off:off + n])
@@ -250,16 +246,16 @@ class AlternatingBackend(_TritonBackend):
 
     def backward_loop(self, cell, sizes, offsets, reverse, xp, h0, c0, w_hh, w_hr, y, saved,
                       dy, dh_n, dc_n):
-        cells, pointwise, _ = _kernels()
+        pointwise, _ = _kernels()
         hidden = w_hh.shape[0] // cell.gates
-        lstm, gru = cell.has_cell_state, cell.name == "gru"
+        lstm = cell.has_cell_state
         hg_all, *rest = saved
         c_all = rest.pop(0) if lstm else None
         m_all = rest.pop(0) if w_hr is not None else None
         dh = dh_n.float().clone()
         dc = dc_n.float().clone() if lstm else None
         dxp = torch.empty_like(xp)
-        dhg = torch.empty_like(xp) if gru else dxp
+        dhg = torch.empty_like(xp) if cell.split_hidden_grad else dxp
         dh_total = torch.empty_like(y) if w_hr is not None else None
         steps = len(sizes)
         for t in (range(steps) if reverse else reversed(range(steps))):
@@ -276,12 +272,11 @@ class AlternatingBackend(_TritonBackend):
                 xp[off:], hg_all[off:], y[off_prev:], h0, c_all[off_prev:] if lstm else y,
                 c0 if lstm else y, n_prev, dh_cell, dy_cell if dy_cell is not None else y,
                 dc if lstm else y, dxp[off:], dhg[off:], n, hidden,
-                CELL=cells.CELL_IDS[cell.name], G=cell.gates, HAS_DY=dy_cell is not None,
-                BR=self.BR, BH=bh)
-            if gru:  # the kernel left the direct term in dh[:n]
+                **_traits(cell, backward=True), HAS_DY=dy_cell is not None, BR=self.BR, BH=bh)
+            if cell.reads_h:  # the kernel left the direct term in dh[:n]
                 dh[:n] += dhg[off:off + n].mm(w_hh)
             else:
-                dh[:n] = dxp[off:off + n].mm(w_hh)
+                dh[:n] = dhg[off:off + n].mm(w_hh)
         d_w_hr = dh_total.t().mm(m_all) if w_hr is not None else None
         return dxp, dhg, dh.to(xp.dtype), dc.to(xp.dtype) if lstm else None, d_w_hr
 
@@ -291,7 +286,7 @@ class PersistentBackend(_TritonBackend):
 
     name = "triton:persistent"
 
-    def unsupported_reason(self, device, dtype, cell, hidden_size, proj_size):
+    def unsupported_reason(self, spec):
         """Adds the persistent kernel's limits to the base checks.
 
         On-chip size limit: a program holds W_hh for the whole sequence as G gate tiles of
@@ -307,17 +302,17 @@ class PersistentBackend(_TritonBackend):
         limits, with no local-memory spills at 8 warps. The next size up (LSTM 16-bit
         HP=128, 128 KB) needs 180 KB in the backward, over sm_80's limit, and spills.
         """
-        reason = super().unsupported_reason(device, dtype, cell, hidden_size, proj_size)
+        reason = super().unsupported_reason(spec)
         if reason:
             return reason
-        if proj_size:
+        if spec.proj_size:
             return "proj_size is not supported by the persistent kernel"
-        hp = _padded(hidden_size)
-        w_bytes = cell.gates * hp * hp * dtype.itemsize
+        hp = _padded(spec.hidden_size)
+        w_bytes = spec.cell.gates * hp * hp * spec.dtype.itemsize
         if w_bytes > PERSISTENT_W_BUDGET:
-            return (f"W_hh of {cell.name} at hidden {hidden_size} (tiles padded to {hp}) "
-                    f"takes {w_bytes // 1024} KiB in {dtype}, over the persistent kernel's "
-                    f"on-chip budget of {PERSISTENT_W_BUDGET // 1024} KiB per program")
+            return (f"W_hh of {spec.cell.name} at hidden {spec.hidden_size} (tiles padded to "
+                    f"{hp}) takes {w_bytes // 1024} KiB in {spec.dtype}, over the persistent "
+                    f"kernel's on-chip budget of {PERSISTENT_W_BUDGET // 1024} KiB per program")
         return None
 
     @staticmethod
@@ -339,7 +334,7 @@ class PersistentBackend(_TritonBackend):
         tuned[lambda meta: (_cdiv(batch, meta["BB"]),)](xp, *args, **constexprs)
 
     def forward_loop(self, cell, sizes, offsets, reverse, xp, h0, c0, w_hh, b_hh, w_hr, save):
-        cells, _, persistent = _kernels()
+        _, persistent = _kernels()
         rows, hidden = xp.shape[0], h0.shape[1]
         lstm = cell.has_cell_state
         y = xp.new_empty(rows, hidden)
@@ -353,28 +348,27 @@ class PersistentBackend(_TritonBackend):
             persistent.sequence_fwd_kernel, sizes[0], hidden,
             xp, dev_sizes, dev_offsets, len(sizes), h0, c0 if lstm else h0, w_hh,
             b_hh if b_hh is not None else w_hh, y, hg_all, c_all, h_n, c_n, hidden,
-            CELL=cells.CELL_IDS[cell.name], G=cell.gates, HAS_BIAS=b_hh is not None,
-            REVERSE=reverse, SAVE=save)
+            **_traits(cell, backward=False), HAS_BIAS=b_hh is not None, REVERSE=reverse,
+            SAVE=save)
         saved = [hg_all, dev_sizes, dev_offsets] + ([c_all] if lstm else [])
         return y, h_n, (c_n if lstm else None), saved
 
     def backward_loop(self, cell, sizes, offsets, reverse, xp, h0, c0, w_hh, w_hr, y, saved,
                       dy, dh_n, dc_n):
-        cells, _, persistent = _kernels()
+        _, persistent = _kernels()
         hidden = h0.shape[1]
-        lstm, gru = cell.has_cell_state, cell.name == "gru"
+        lstm = cell.has_cell_state
         hg_all, dev_sizes, dev_offsets, *rest = saved
         c_all = rest[0] if lstm else y
         dxp = torch.empty_like(xp)
-        dhg = torch.empty_like(xp) if gru else dxp
+        dhg = torch.empty_like(xp) if cell.split_hidden_grad else dxp
         dh0 = torch.empty_like(h0)
         dc0 = torch.empty_like(c0) if lstm else None
         self._launch(
             persistent.sequence_bwd_kernel, sizes[0], hidden,
             xp, hg_all, y, h0, c_all, c0 if lstm else h0, dev_sizes, dev_offsets, len(sizes),
             w_hh, dy, dh_n, dc_n if lstm else h0, dxp, dhg, dh0,
-            dc0 if lstm else dh0, hidden,
-            CELL=cells.CELL_IDS[cell.name], G=cell.gates, REVERSE=reverse)
+            dc0 if lstm else dh0, hidden, **_traits(cell, backward=True), REVERSE=reverse)
         return dxp, dhg, dh0, dc0, None
 
 
@@ -383,14 +377,15 @@ _TUNED = {}
 
 def _tuned(kernel):
     """The kernel itself in the interpreter; on a GPU, autotuned over the batch tile and
-    warps, keyed on the hidden size and cell (the autotuner adds the tensors' dtypes)."""
+    warps, keyed on the hidden size and the cell's shape (gates, cell state; the autotuner adds
+    the tensors' dtypes)."""
     if _interpreting():
         return kernel
     if kernel not in _TUNED:
         import triton
         configs = [triton.Config({"BB": 16}, num_warps=w) for w in (4, 8, 16)] \
             + [triton.Config({"BB": 32}, num_warps=8)]
-        _TUNED[kernel] = triton.autotune(configs, key=["H", "CELL"])(kernel)
+        _TUNED[kernel] = triton.autotune(configs, key=["H", "G", "HAS_C"])(kernel)
     return _TUNED[kernel]
 
 

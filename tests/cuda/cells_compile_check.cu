@@ -1,8 +1,7 @@
 // Compile-only check that csrc/cells/*.h build as CUDA device code (no GPU needed):
-// one kernel per cell and dtype runs forward and backward of one element.
-#include "cells/gru.h"
-#include "cells/lstm.h"
-#include "cells/rnn.h"
+// one kernel per cell (every cell of csrc/cells/cells.h) and dtype runs forward and backward
+// of one element.
+#include "cells/cells.h"
 
 template <typename Cell, typename T>
 __global__ void cell_step(const T* xg, const T* hg, const T* bx, const T* bh, int64_t H, T* save,
@@ -17,14 +16,11 @@ __global__ void cell_step(const T* xg, const T* hg, const T* bx, const T* bh, in
 
 template <typename T>
 void instantiate() {
-  cell_step<fusedrnn::cells::LSTM, T><<<1, 32>>>(nullptr, nullptr, nullptr, nullptr, 0, nullptr,
+#define FUSEDRNN_LAUNCH(NAME, TYPE)                                                            \
+  cell_step<fusedrnn::cells::TYPE, T><<<1, 32>>>(nullptr, nullptr, nullptr, nullptr, 0, nullptr, \
                                                  nullptr, nullptr, nullptr);
-  cell_step<fusedrnn::cells::GRU, T><<<1, 32>>>(nullptr, nullptr, nullptr, nullptr, 0, nullptr,
-                                                nullptr, nullptr, nullptr);
-  cell_step<fusedrnn::cells::RNNTanh, T><<<1, 32>>>(nullptr, nullptr, nullptr, nullptr, 0,
-                                                    nullptr, nullptr, nullptr, nullptr);
-  cell_step<fusedrnn::cells::RNNRelu, T><<<1, 32>>>(nullptr, nullptr, nullptr, nullptr, 0,
-                                                    nullptr, nullptr, nullptr, nullptr);
+  FUSEDRNN_FOR_EACH_CELL(FUSEDRNN_LAUNCH)
+#undef FUSEDRNN_LAUNCH
 }
 
 template void instantiate<float>();

@@ -1,7 +1,7 @@
 """Compile the Triton kernels for real GPUs without one, and report their resource use.
 
-``python -m fusedrnn.kernels.compile_report`` compiles each (kernel, arch, cell, dtype,
-hidden) it is given (or a default table) with ``triton.compile`` for ``GPUTarget("cuda",
+``python bench/compile_report.py`` compiles each (kernel, arch, cell, dtype, hidden) it is
+given (or a default table) with ``triton.compile`` for ``GPUTarget("cuda",
 arch, 32)`` and prints one JSON line each: shared memory from Triton's metadata, and REG /
 STACK / LOCAL from ``cuobjdump --dump-resource-usage`` of the cubin (Triton's wheel ships
 cuobjdump). Run it without TRITON_INTERPRET (the interpreter replaces the compiler). A
@@ -41,14 +41,21 @@ def compile_kernel(kernel, arch, cell, dtype, hidden, num_warps, overrides=None)
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from ..cells import CELLS
-    from . import cells, persistent, pointwise
+    from fusedrnn.cells import CELLS
+    from fusedrnn.kernels import persistent, pointwise
 
-    gates = CELLS[cell].gates
+    info = CELLS[cell]
+    forward, backward = info.triton_math()
     fn = {"sequence_fwd": persistent.sequence_fwd_kernel,
           "sequence_bwd": persistent.sequence_bwd_kernel,
           "step_fwd": pointwise.step_fwd_kernel, "step_bwd": pointwise.step_bwd_kernel}[kernel]
-    common = dict(CELL=cells.CELL_IDS[cell], G=gates)
+    common = dict(G=info.gates, HAS_C=info.has_cell_state)
+    if kernel.endswith("bwd"):
+        common.update(BWD=backward, READS_H=info.reads_h, SPLIT_HG=info.split_hidden_grad)
+    else:
+        common.update(FWD=forward)
+        if kernel == "step_fwd":
+            common.update(READS_H=info.reads_h)
     if kernel.startswith("sequence"):
         hp = max(16, 1 << (hidden - 1).bit_length())
         constexprs = dict(common, REVERSE=False, BB=16, HP=hp,
