@@ -370,3 +370,34 @@ def test_empty_batch_and_empty_sequence(cell):
     for module in (ref, fused):
         with pytest.raises(RuntimeError, match="sequence length"):
             module(torch.randn(0, 2, 5))
+
+
+def test_resolved_backend_says_what_runs():
+    assert fusedrnn.resolved_backend(fusedrnn.GRU(3, 4, backend="reference")) == "reference"
+    expected = "cpu" if fusedrnn.backends()["cpu"] == "available" else "reference"
+    lstm = fusedrnn.LSTM(3, 4, num_layers=2)
+    assert fusedrnn.resolved_backend(lstm, torch.randn(5, 2, 3)) == expected
+    assert fusedrnn.resolved_backend(fusedrnn.RNNCell(3, 4), torch.randn(2, 3)) == expected
+    # float16 on the CPU: no kernel backend takes it, auto falls back to the reference
+    assert fusedrnn.resolved_backend(lstm, torch.randn(5, 2, 3).half()) == "reference"
+    with pytest.raises(fusedrnn.BackendUnavailableError, match="float16"):
+        fusedrnn.resolved_backend(fusedrnn.LSTM(3, 4, backend="cpu"), torch.randn(5, 2, 3).half())
+    with pytest.raises(TypeError, match="not a fusedrnn module"):
+        fusedrnn.resolved_backend(nn.LSTM(3, 4))
+
+
+def test_the_backend_is_chosen_once_per_configuration(monkeypatch):
+    """dispatch asks the backends once per (name, layer spec), not at every layer and call."""
+    from fusedrnn import dispatch
+    from fusedrnn.backend.reference import BACKEND as REFERENCE
+    monkeypatch.setattr(dispatch, "_chosen", {})
+    asked = []
+    original = REFERENCE.unsupported_reason
+    monkeypatch.setattr(REFERENCE, "unsupported_reason",
+                        lambda spec: asked.append(spec) or original(spec))
+    model = fusedrnn.GRU(3, 4, num_layers=3, bidirectional=True, backend="reference")
+    for _ in range(3):
+        model(torch.randn(5, 2, 3))
+    assert len(asked) == 1
+    model.double()(torch.randn(5, 2, 3, dtype=torch.float64))  # a new dtype: a new choice
+    assert len(asked) == 2
