@@ -24,7 +24,8 @@ from torch import Tensor
 StepFn = Callable[[Tensor, Tensor, Tensor, Optional[Tensor]], "tuple[Tensor, Optional[Tensor]]"]
 
 
-@dataclass(frozen=True)
+# eq=False: a cell is its registry entry, compared and hashed by identity (dispatch keys on it)
+@dataclass(frozen=True, eq=False)
 class Cell:
     name: str                # the registry key ("lstm", "gru", "rnn_tanh", "rnn_relu")
     gates: int               # G: W_ih and W_hh have G*H rows

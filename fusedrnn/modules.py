@@ -104,10 +104,11 @@ class _FusedRNNMixin(_BackendArg):
     def _layer_args(self, layer: int, direction: int, batch_sizes: Tensor, h0: Tensor,
                     c0: Optional[Tensor]) -> LayerArgs:
         sfx = f"_l{layer}" + ("_reverse" if direction else "")
-        get = lambda n: getattr(self, n + sfx) if hasattr(self, n + sfx) else None  # noqa: E731
-        return LayerArgs(self._cell(), batch_sizes, h0, c0, get("weight_ih"), get("weight_hh"),
-                         get("bias_ih"), get("bias_hh"),
-                         get("weight_hr") if self.proj_size > 0 else None, reverse=direction == 1)
+        params = self._parameters  # (nn.Module.__getattr__ per weight costs more than the layer)
+        return LayerArgs(self._cell(), batch_sizes, h0, c0, params["weight_ih" + sfx],
+                         params["weight_hh" + sfx], params.get("bias_ih" + sfx),
+                         params.get("bias_hh" + sfx), params.get("weight_hr" + sfx),
+                         reverse=direction == 1)
 
     def forward(self, input, hx=None):
         rows, batch_sizes, layout = self._time_major_rows(input, hx is None)

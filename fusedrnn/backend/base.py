@@ -8,7 +8,7 @@ initial) state, which is exactly the final state torch.nn returns for packed inp
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import FrozenSet, Mapping, NamedTuple, Optional
 
 import torch
@@ -38,9 +38,15 @@ class LayerSpec(NamedTuple):
     masks: FrozenSet[str] = frozenset()   # the names of the masks given
 
 
-@dataclass(frozen=True)
-class LayerArgs:
-    """One layer and direction, as ``functional.rnn_layer`` hands it to every backend.
+_NO_NAMES: FrozenSet[str] = frozenset()
+
+
+_NONE: Mapping[str, Tensor] = MappingProxyType({})
+
+
+class LayerArgs(NamedTuple):
+    """One layer and direction, as ``functional.rnn_layer`` hands it to every backend (a
+    NamedTuple: it is built once per layer, direction and call).
 
     batch_sizes: [T] int64 on the CPU, non-increasing (checked by the modules); B = its first
     h0:          [B, Hout]   Hout = proj_size or H
@@ -61,8 +67,8 @@ class LayerArgs:
     b_hh: Optional[Tensor]
     w_hr: Optional[Tensor]
     reverse: bool
-    extras: Mapping[str, Tensor] = field(default_factory=dict)
-    masks: Mapping[str, Tensor] = field(default_factory=dict)
+    extras: Mapping[str, Tensor] = _NONE
+    masks: Mapping[str, Tensor] = _NONE
 
     @property
     def hidden_size(self) -> int:
@@ -71,7 +77,8 @@ class LayerArgs:
     def spec(self, x: Tensor) -> LayerSpec:
         return LayerSpec(x.device, x.dtype, self.cell, self.hidden_size,
                          self.w_hr.shape[0] if self.w_hr is not None else 0,
-                         frozenset(self.extras), frozenset(self.masks))
+                         frozenset(self.extras) if self.extras else _NO_NAMES,
+                         frozenset(self.masks) if self.masks else _NO_NAMES)
 
 
 class Backend:
