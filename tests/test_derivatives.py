@@ -61,6 +61,10 @@ def test_gradgradcheck(rng, backend, dtype, cell):
     input and states only: every forward of the numerical differentiation runs in the
     interpreter."""
     small = dtype != torch.float64
+    if small and cell == "rnn_relu":
+        pytest.skip("relu's second derivative is 0 wherever it exists, and an fp32 finite "
+                    "difference (eps 1e-2) straddles its kink: checked in float64 on the C++ "
+                    "and reference backends, and by the gradient-penalty test here")
     _, fused = make_pair(cell, dtype, backend, bidirectional=not small)
     params = {k: v.detach().requires_grad_(not small) for k, v in fused.named_parameters()}
     steps, batch, directions = (2, 1, 1) if small else (3, 2, 2)
