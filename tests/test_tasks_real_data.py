@@ -230,3 +230,48 @@ def test_data_parallel_step_equals_one_process_on_the_combined_batch(tmp_path, t
     assert not all(torch.equal(one[k], v) for k, v in start.state_dict().items())  # it moved
     results = json.loads((tmp_path / "two" / "results.json").read_text())
     assert results["processes"] == 2
+
+
+class _CarryTask(harness.Task):
+    """A dataset task whose loss sees the previous batch's state: records what it is given."""
+    name = "carry"
+    dataset = True
+    carries_state = True
+    train_metrics = ()
+    test_metrics = ()
+    defaults = dict(hidden=3, iters=7, batch_size=4, eval_every=7, plot=False)
+    presets = {"quick": {}}
+
+    def __init__(self):
+        self.seen, self.returned = [], []
+
+    def build(self, cfg):
+        return harness.make_rnn({**cfg, "cell": "gru", "layers": 1}, 2)
+
+    def train_size(self, cfg):
+        return 12  # 3 steps per epoch
+
+    def train_batch(self, cfg, index, device):
+        return {"x": torch.randn(5, len(index), 2, generator=torch.Generator().manual_seed(int(index[0])))}
+
+    def loss(self, model, batch, state):
+        self.seen.append(state)
+        y, state = model(batch["x"], state)
+        self.returned.append(state.detach().clone())
+        return y.pow(2).mean(), {}, state
+
+    def test_sets(self, cfg, gen, device):
+        return {}
+
+
+def test_truncated_bptt_carries_the_state_detached_and_resets_each_epoch(tmp_path):
+    task = _CarryTask()
+    harness.main(task, ["--out", str(tmp_path), "--no-progress"])
+    assert len(task.seen) == 7
+    starts = [0, 3, 6]  # the first step of each epoch starts from a zero state
+    for step, state in enumerate(task.seen):
+        if step in starts:
+            assert state is None, step
+        else:
+            assert state.grad_fn is None and not state.requires_grad  # detached
+            torch.testing.assert_close(state, task.returned[step - 1], rtol=0, atol=0)
