@@ -124,6 +124,9 @@ class _FusedRNNMixin(_BackendArg):
             rows = x.shape[0] if x.dim() else 0
             counts = _step_counts(input.batch_sizes, rows, makes_zero_state,
                                   checks_state=self.mode != "LSTM")
+            if self.mode == "LSTM" and int(counts[0]) == 0 and rows > 0:
+                # (torch.nn's LSTM fails here, its other RNNs return no rows)
+                raise RuntimeError(f"batch_sizes start with 0 but the packed data has {rows} rows")
             if self.bidirectional and int(counts.sum()) != rows:
                 # torch.nn's reverse direction then reads other rows than its forward one
                 raise RuntimeError(f"batch_sizes sum to {int(counts.sum())} but the packed data "

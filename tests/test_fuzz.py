@@ -113,11 +113,12 @@ def _module_case(kind, dtype, cfg, fault, gen):
     c0 = torch.randn(*lead, cfg["hidden"], generator=gen, dtype=torch.float64)
     given_state = cfg["given_state"] or (fault or "").startswith(("state", "sorted"))
     packed = form.startswith("packed")
-    # torch.nn's LSTM checks neither its packed input's features nor the given state's shape
-    # nor its counts: its C++ then reads past buffers (seen: a segfault), so it is not run
+    # torch.nn's LSTM checks neither its packed input's rank and features nor the given
+    # state's shape nor its counts: its C++ then reads past buffers (seen: a segfault), so it
+    # is not run
     unsafe = lstm and packed and (
-        fault in ("feature_size", "state_batch", "state_layers", "state_hidden", "state_rank",
-                  "sorted_indices_short")
+        fault in ("feature_size", "input_rank", "state_batch", "state_layers", "state_hidden",
+                  "state_rank", "sorted_indices_short")
         or (given_state and (fault in ("counts_increasing", "counts_2d", "counts_sum_more")
                              or (fault == "counts_sum_less" and steps == 1))))
     # (unsorted: the permutation keeps the batch's rows of a longer state, in both)
