@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tasks import binary_add, harness, recall, smnist
-from tasks.data import DataError, data_file, find_data_dir, text
+from tasks.data import DataError, data_file, text
 from tasks.data.mnist import load_split, read_idx
 
 from conftest import assert_close
@@ -275,3 +275,18 @@ def test_truncated_bptt_carries_the_state_detached_and_resets_each_epoch(tmp_pat
         else:
             assert state.grad_fn is None and not state.requires_grad  # detached
             torch.testing.assert_close(state, task.returned[step - 1], rtol=0, atol=0)
+
+
+def test_language_model_ties_weights_and_carries_its_state():
+    from tasks.models import LanguageModel
+    cfg = {"cell": "lstm", "hidden": 8, "layers": 2, "embed": 8, "dropout": 0.0,
+           "tie_weights": True}
+    model = LanguageModel(cfg, vocab=11)
+    assert model.out.weight is model.embed.weight
+    tokens = torch.randint(0, 11, (6, 3))
+    whole, _ = model(tokens)
+    first, state = model(tokens[:4])
+    second, _ = model(tokens[4:], state)  # the carried state continues the stream exactly
+    torch.testing.assert_close(torch.cat([first, second]), whole)
+    with pytest.raises(ValueError, match="--embed"):
+        LanguageModel(dict(cfg, embed=4), vocab=11)
