@@ -4,7 +4,6 @@ mid-epoch resume of a dataset task."""
 import gzip
 import json
 import os
-import socket
 import struct
 import subprocess
 import sys
@@ -200,12 +199,6 @@ def test_compare_writes_an_overlay_plot(tmp_path):
     assert (tmp_path / "compare.png").stat().st_size > 0
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("fused", [False, True], ids=["torch.nn", "fused"])
 def test_data_parallel_step_equals_one_process_on_the_combined_batch(tmp_path, tiny_mnist, fused):
     """Two gloo processes under torchrun, each on half of a batch of 8, take the same SGD step
@@ -216,10 +209,11 @@ def test_data_parallel_step_equals_one_process_on_the_combined_batch(tmp_path, t
             "--cell", "gru", "--layers", "2"] + (["--fused"] if fused else [])
     harness.main(smnist.TASK, [*argv, "--out", str(tmp_path / "one")])
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                    "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-                    "-m", "tasks.smnist", *argv, "--out", str(tmp_path / "two")],
-                   check=True, env=env, cwd=ROOT, timeout=300, capture_output=True)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node", "2", "-m", "tasks.smnist", *argv,
+                          "--out", str(tmp_path / "two")],
+                         env=env, cwd=ROOT, timeout=300, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
     one, two = (torch.load(tmp_path / name / "checkpoint.pt", weights_only=False)["model"]
                 for name in ("one", "two"))
     torch.manual_seed(0)  # the harness builds the model under the run's seed
