@@ -16,14 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .data.mnist import load_split
-from .harness import Metric, Task, main as harness_main, resolve_config, train
+from .harness import Metric, Task, main as harness_main
 from .models import SequenceClassifier
 
 PERMUTATION_SEED = 92916  # the fixed pixel order of --permuted
@@ -55,6 +55,7 @@ class SequentialMNIST(Task):
                     eval_batch=1000)
     presets = PRESETS
     default_preset = "report-lstm-128"
+    grid = GRID
     dataset = True
     train_metrics = (Metric("acc", "accuracy"),)
     test_metrics = (Metric("acc", "accuracy"),)
@@ -114,82 +115,51 @@ class SequentialMNIST(Task):
             hits += (logits.argmax(-1) == y).sum().item()
         return dict(loss=loss / len(labels), acc=hits / len(labels))
 
+    def write_grid(self, out: Path, results: Dict[str, Dict]) -> None:
+        """grid.md: the final test accuracy and loss and the wall time of every configuration;
+        grid.png: train loss, test loss and test accuracy against epoch, a panel each."""
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        lines = ["| configuration | epochs | test accuracy | test loss | best accuracy (epoch) | "
+                 "wall s | backend | status |", "|---|---|---|---|---|---|---|---|"]
+        fig, axes = plt.subplots(3, 6, figsize=(24, 10), squeeze=False)
+        for ax, (preset, r) in zip(axes.flat, results.items()):
+            records = [json.loads(line) for line in open(r["metrics_log"])]
+            train_r = [x for x in records if x["kind"] == "train"]
+            test_r = [x for x in records if x["kind"] == "test"]
+            (name, final), = r["test"].items()
+            best = max(test_r, key=lambda x: x["acc"])
+            epochs = r["steps"] * r["config"]["batch_size"] / (r["config"]["train_size"] or 60000)
+            lines.append(f"| {preset[7:]} | {epochs:.0f} | {100 * final['acc']:.2f}% | "
+                         f"{final['loss']:.4f} | {100 * best['acc']:.2f}% ({best['epoch']:.0f}) | "
+                         f"{r['wall_time_s']:.0f} | {','.join(r['backends'])} | {r['status']} |")
+            ax.plot([x["epoch"] for x in train_r], [x["loss"] for x in train_r], label="train loss",
+                    alpha=0.6)
+            ax.plot([x["epoch"] for x in test_r], [x["loss"] for x in test_r], marker=".",
+                    label="test loss")
+            ax.set_yscale("log")
+            ax.set(title=preset[7:], xlabel="epoch")
+            acc = ax.twinx()
+            acc.plot([x["epoch"] for x in test_r], [100 * x["acc"] for x in test_r], color="C2",
+                     marker=".", label="test accuracy")
+            acc.set_ylim(80, 100)
+            ax.grid(alpha=0.3)
+            if preset == GRID[0]:
+                ax.legend(fontsize=7, loc="upper center")
+                acc.legend(fontsize=7, loc="lower center")
+        fig.suptitle("sequential MNIST, report 002's grid: loss (log, left) and test accuracy "
+                     "(%, right) against epoch", fontsize=11)
+        fig.tight_layout()
+        fig.savefig(out / "grid.png", dpi=80)
+        plt.close(fig)
+        (out / "grid.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        print(f"\ngrid table: {out / 'grid.md'}\ngrid figure: {out / 'grid.png'}")
 
 TASK = SequentialMNIST()
 
 
-def run_grid(argv: List[str]) -> Dict[str, Dict]:
-    """Every report configuration in turn, each in ``<out>/<preset>`` (a finished one is
-    skipped, so the grid resumes where it stopped; the flags given apply to every run), then
-    ``grid.md`` (a table) and ``grid.png`` (a panel per configuration)."""
-    base = resolve_config(TASK, argv)
-    out = Path(base["out"] or Path("runs") / "smnist" / f"grid-{'fused' if base['fused'] else 'torch'}")
-    results = {}
-    for preset in GRID:
-        run_dir = out / preset
-        done = run_dir / "results.json"
-        if done.exists() and json.loads(done.read_text())["status"] == "finished":
-            results[preset] = json.loads(done.read_text())
-            continue
-        cfg = resolve_config(TASK, [*argv, "--preset", preset, "--out", str(run_dir)])
-        cfg["resume"] = (run_dir / "checkpoint.pt").exists()
-        results[preset] = train(TASK, cfg)
-    write_grid(out, results)
-    return results
-
-
-def write_grid(out: Path, results: Dict[str, Dict]) -> None:
-    """grid.md: the final test accuracy and loss and the wall time of every configuration;
-    grid.png: train loss, test loss and test accuracy against epoch, a panel each."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    lines = ["| configuration | epochs | test accuracy | test loss | best accuracy (epoch) | "
-             "wall s | backend | status |", "|---|---|---|---|---|---|---|---|"]
-    fig, axes = plt.subplots(3, 6, figsize=(24, 10), squeeze=False)
-    for ax, (preset, r) in zip(axes.flat, results.items()):
-        records = [json.loads(line) for line in open(r["metrics_log"])]
-        train_r = [x for x in records if x["kind"] == "train"]
-        test_r = [x for x in records if x["kind"] == "test"]
-        (name, final), = r["test"].items()
-        best = max(test_r, key=lambda x: x["acc"])
-        epochs = r["steps"] * r["config"]["batch_size"] / (r["config"]["train_size"] or 60000)
-        lines.append(f"| {preset[7:]} | {epochs:.0f} | {100 * final['acc']:.2f}% | "
-                     f"{final['loss']:.4f} | {100 * best['acc']:.2f}% ({best['epoch']:.0f}) | "
-                     f"{r['wall_time_s']:.0f} | {','.join(r['backends'])} | {r['status']} |")
-        ax.plot([x["epoch"] for x in train_r], [x["loss"] for x in train_r], label="train loss",
-                alpha=0.6)
-        ax.plot([x["epoch"] for x in test_r], [x["loss"] for x in test_r], marker=".",
-                label="test loss")
-        ax.set_yscale("log")
-        ax.set(title=preset[7:], xlabel="epoch")
-        acc = ax.twinx()
-        acc.plot([x["epoch"] for x in test_r], [100 * x["acc"] for x in test_r], color="C2",
-                 marker=".", label="test accuracy")
-        acc.set_ylim(80, 100)
-        ax.grid(alpha=0.3)
-        if preset == GRID[0]:
-            ax.legend(fontsize=7, loc="upper center")
-            acc.legend(fontsize=7, loc="lower center")
-    fig.suptitle("sequential MNIST, report 002's grid: loss (log, left) and test accuracy "
-                 "(%, right) against epoch", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(out / "grid.png", dpi=80)
-    plt.close(fig)
-    (out / "grid.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"\ngrid table: {out / 'grid.md'}\ngrid figure: {out / 'grid.png'}")
-
-
-def main(argv=None):
-    import sys
-    argv = sys.argv[1:] if argv is None else argv
-    if resolve_config(TASK, argv)["preset"] == "grid":
-        i = argv.index("--preset")
-        return run_grid(argv[:i] + argv[i + 2:])
-    return harness_main(TASK, argv)
-
-
 if __name__ == "__main__":
-    main()
+    harness_main(TASK)

@@ -14,7 +14,7 @@ COMMON_DEFAULTS = dict(
     fused=False, backend="auto", cell="lstm", layers=1, hidden=128, optimizer="adam", lr=1e-3,
     betas=None, iters=1000, epochs=None, batch_size=64, seed=0, device="cpu", dtype="float32",
     data_dir=None,
-    out=None, threads=1, eval_every=100, log_every=10, clip=0.0, lr_schedule="fixed",
+    out=None, threads=1, eval_every=100, log_every=10, clip=0.0, clip_value=0.0, lr_schedule="fixed",
     min_lr=1e-3, factor=0.5, patience=2, compare=False, progress=None, plot=True,
     resume=False, weight_decay=0.0, l2_coupling="decoupled", chrono_init=0,
 )
@@ -49,6 +49,8 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
     g.add_argument("--factor", type=float, default=None, help="plateau decay factor")
     g.add_argument("--patience", type=int, default=None, help="plateau patience (evals)")
     g.add_argument("--clip", type=float, default=None, help="gradient norm clip (0: off)")
+    g.add_argument("--clip-value", type=float, default=None, metavar="V",
+                   help="clip every gradient element to [-V, V] (0: off)")
     g.add_argument("--weight-decay", type=float, default=None,
                    help="L2 weight decay (default 0)")
     g.add_argument("--l2-coupling", choices=("decoupled", "coupled"), default=None,

@@ -49,6 +49,8 @@ class TrainState:
     torch_rng: Optional[torch.Tensor] = None
     epoch_order: Optional[torch.Tensor] = None  # a dataset's example order this epoch
     carry: Any = None  # the recurrent state carried to the next batch (truncated BPTT)
+    smoothed: Dict[str, float] = field(default_factory=dict)  # smoothed train metrics
+    best: Dict[str, float] = field(default_factory=dict)  # value and step of best.pt
 
 
 class _World:
@@ -151,6 +153,7 @@ class _Run:
                           self.state.records)
         self.state.records = self.log.records
         self.formats = metric_formats(task)
+        self.smoothing = {m.name: m.smoothing for m in task.train_metrics if m.smoothing}
         self.n_params = sum(p.numel() for p in self.model.parameters())
         procs = f" processes={self.world.size}" if self.world.size > 1 else ""
         self.header = (f"tasks.{task.name} preset={cfg['preset']} "
@@ -213,8 +216,7 @@ class _Run:
                 self.device))
         position = (step - 1) % self.steps_per_epoch
         if position == 0 or self.state.epoch_order is None:
-            self.state.epoch_order = torch.randperm(self.task.train_size(cfg),
-                                                    generator=self.generator)
+            self.state.epoch_order = self.task.epoch_order(cfg, self.generator)
             self.state.carry = None  # a new pass over the data starts from a zero state
         size = cfg["batch_size"] // self.world.size
         begin = position * cfg["batch_size"] + self.world.rank * size
@@ -234,9 +236,43 @@ class _Run:
                 self.state.last_eval[name] = metrics
                 self.log.write(kind="test", step=step, name=name, **extra, **metrics)
                 tqdm.write(self.task.log_line(name, step, metrics, self.cfg), file=sys.stdout)
+            self.task.after_evaluation(self.model, self.cfg, step)
+        self._keep_best(step)
         self.model.train()
         self.state.eval_time += time.perf_counter() - t0
         sys.stdout.flush()
+
+    def _keep_best(self, step: int) -> None:
+        """best.pt: the weights of the best evaluation so far by the task's ``best_by``."""
+        if self.task.best_by is None:
+            return
+        name, key = self.task.best_by
+        value = self.state.last_eval[name][key]
+        sign = 1 if self.formats[key].higher_is_better else -1
+        best = self.state.best
+        if not best or sign * value > sign * best["value"]:
+            self.state.best = dict(value=value, step=step)
+            torch.save(self.model.state_dict(), self.out / "best.pt.tmp")
+            os.replace(self.out / "best.pt.tmp", self.out / "best.pt")
+
+    def _finish(self) -> Dict:
+        """The task's end hook, with the best weights loaded and every test set evaluated
+        with them (``best_by``), else with the last weights."""
+        extra = {}
+        self.model.eval()
+        with torch.no_grad():
+            if self.state.best:
+                self.model.load_state_dict(torch.load(self.out / "best.pt"))
+                name, key = self.task.best_by
+                tests = {n: self.task.evaluate(self.model, self.cfg, d)
+                         for n, d in self.tests.items()}
+                extra["best"] = dict(by=f"{name} {key}", step=self.state.best["step"],
+                                     value=self.state.best["value"], test=tests)
+                print(f"\nthe best weights by {name} {key} (step {self.state.best['step']}):")
+                for n, m in tests.items():
+                    print(self.task.log_line(n, self.state.best["step"], m, self.cfg))
+            extra.update(self.task.finish(self.model, self.cfg, extra))
+        return extra
 
     def _plot(self) -> Optional[Path]:
         if not (self.cfg["plot"] and self.world.main):
@@ -258,6 +294,8 @@ class _Run:
         loss.backward()
         if self.cfg["clip"]:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg["clip"])
+        if self.cfg["clip_value"]:
+            nn.utils.clip_grad_value_(self.model.parameters(), self.cfg["clip_value"])
         self.optimizer.step()
         if self.cosine is not None:
             self.cosine.step()
@@ -270,6 +308,9 @@ class _Run:
             self.log.write(kind="first", step=1, loss=value)
         for key, v in {"loss": value, **stats}.items():
             s.window[key] = s.window.get(key, 0.0) + v
+            if key in self.smoothing:
+                decay = self.smoothing[key]
+                s.smoothed[key] = decay * s.smoothed.get(key, v) + (1 - decay) * v
         s.window_n += 1
         s.plateau_loss += value
         s.plateau_n += 1
@@ -277,7 +318,7 @@ class _Run:
 
     def _log_train(self, step: int, start: float, bar) -> None:
         s = self.state
-        means = {k: v / s.window_n for k, v in s.window.items()}
+        means = {k: s.smoothed.get(k, v / s.window_n) for k, v in s.window.items()}
         lr = self.optimizer.param_groups[0]["lr"]
         extra = {"epoch": round(self._epoch(step), 4)} if self.task.dataset else {}
         self.log.write(kind="train", step=step, **extra, **means, lr=lr,
@@ -327,9 +368,11 @@ class _Run:
             bar.close()
         if not self.world.main:
             return {}
+        wall = time.perf_counter() - start
+        extra = self._finish()
         results = write_results(self.out, self.task, cfg, self.backends, self.n_params,
-                                self.log, s.last_eval, s.step, time.perf_counter() - start,
-                                s.eval_time, status, self.world.size)
+                                self.log, s.last_eval, s.step, wall, s.eval_time, status,
+                                self.world.size, extra)
         self.log.close()
         plot = self._plot()
         if plot is not None:
@@ -375,8 +418,34 @@ def compare(task: Task, cfg: Dict) -> Dict[str, Dict]:
     return runs
 
 
+def run_grid(task: Task, argv: List[str]) -> Dict[str, Dict]:
+    """Every preset of ``task.grid`` in turn, each in ``<out>/<preset>`` (a finished one is
+    skipped and a partial one resumed, so the grid goes on where it stopped; the flags given
+    apply to every run), then the task's table and figure (``write_grid``)."""
+    import json
+
+    base = resolve_config(task, argv)
+    out = Path(base["out"] or Path("runs") / task.name /
+               f"grid-{'fused' if base['fused'] else 'torch'}")
+    results = {}
+    for preset in task.grid:
+        run_dir = out / preset
+        done = run_dir / "results.json"
+        if done.exists() and json.loads(done.read_text())["status"] == "finished":
+            results[preset] = json.loads(done.read_text())
+            continue
+        cfg = resolve_config(task, [*argv, "--preset", preset, "--out", str(run_dir)])
+        cfg["resume"] = (run_dir / "checkpoint.pt").exists()
+        results[preset] = train(task, cfg)
+    task.write_grid(out, results)
+    return results
+
+
 def main(task: Task, argv: Optional[List[str]] = None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     cfg = resolve_config(task, argv)
+    if cfg["preset"] == "grid" and task.grid:
+        return run_grid(task, argv)
     if cfg["compare"]:
         return compare(task, cfg)
     return train(task, cfg)

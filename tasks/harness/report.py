@@ -40,7 +40,9 @@ class RunLog:
 
 def write_results(out: Path, task: Task, cfg: Dict, backends: List[str], n_params: int,
                   log: RunLog, last_eval: Dict, step: int, wall: float, eval_time: float,
-                  status: str, world: int = 1) -> Dict:
+                  status: str, world: int = 1, extra: Optional[Dict] = None) -> Dict:
+    """results.json: the run's configuration, speed, last metrics, the best value (and step)
+    of every smoothed train metric, plus ``extra`` (best weights, what the task adds)."""
     train_time = max(wall - eval_time, 1e-9)
     first = next((r["loss"] for r in log.records if r["kind"] == "first"), None)
     last_train = next((r for r in reversed(log.records) if r["kind"] == "train"), None)
@@ -49,12 +51,25 @@ def write_results(out: Path, task: Task, cfg: Dict, backends: List[str], n_param
         torch=torch.__version__, threads=torch.get_num_threads(), processes=world, steps=step,
         wall_time_s=round(wall, 2), train_time_s=round(train_time, 2),
         steps_per_s=round(step / train_time, 3), first_loss=first,
-        final_train=last_train, test=last_eval,
+        final_train=last_train, test=last_eval, best_train=_best_smoothed(task, log),
         results_file=str(out / "results.json"), metrics_log=str(out / "metrics.jsonl"))
+    results.update(extra or {})
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=2))
     os.replace(tmp, out / "results.json")
     return results
+
+
+def _best_smoothed(task: Task, log: RunLog) -> Dict[str, Dict]:
+    """{metric: {value, step}}: the best logged value of each smoothed train metric."""
+    best = {}
+    for m in task.train_metrics:
+        points = [(r[m.name], r["step"]) for r in log.records
+                  if r["kind"] == "train" and m.name in r]
+        if m.smoothing and points:
+            value, step = (max if m.higher_is_better else min)(points, key=lambda p: p[0])
+            best[m.name] = dict(value=value, step=step)
+    return best
 
 
 def _panels(task: Task) -> List[Metric]:

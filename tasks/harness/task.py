@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -22,12 +22,21 @@ OPTIMIZERS = ("sgd", "momentum", "adam", "rmsprop", "adagrad")
 class Metric:
     """A number a task reports. ``kind`` decides how it is shown and plotted: "accuracy"
     (a fraction, shown as a percentage, plotted 0-100), "loss" (log scale), "perplexity"
-    (log scale) or "value"."""
+    (log scale) or "value".
+
+    A train metric with ``smoothing`` s is reported as the moving average the char-RNN
+    literature calls the smooth loss: ``m = s * m + (1 - s) * value`` after every step,
+    starting from the first step's value, instead of the mean since the last log line."""
     name: str
     kind: str = "value"
+    smoothing: float = 0.0
 
     def format(self, value: float) -> str:
         return f"{100 * value:.1f}%" if self.kind == "accuracy" else f"{value:.4f}"
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.kind in ("accuracy", "value")
 
 
 LOSS = Metric("loss", "loss")
@@ -59,6 +68,11 @@ class Task:
     # non-loss metric is the headline (progress bar, summary); "loss" is always reported
     train_metrics: Sequence[Metric] = (Metric("acc", "accuracy"),)
     test_metrics: Sequence[Metric] = (Metric("acc", "accuracy"),)
+    # (test set, metric) that picks the best weights: the loop keeps them in best.pt and, at
+    # the end, evaluates every test set with them (None: the last weights are the result)
+    best_by: Optional[Tuple[str, str]] = None
+    # the presets ``--preset grid`` runs in turn (a task with a grid has a "grid" preset)
+    grid: Sequence[str] = ()
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """Task-specific flags; give them ``default=None`` so presets can fill them in."""
@@ -78,6 +92,11 @@ class Task:
         """Examples in the training set (dataset tasks)."""
         raise NotImplementedError
 
+    def epoch_order(self, cfg: Dict, gen: torch.Generator) -> torch.Tensor:
+        """The order a dataset task visits its examples in one epoch (``batch_size`` of them
+        per step): a fresh random permutation unless the task reads in another order."""
+        return torch.randperm(self.train_size(cfg), generator=gen)
+
     def train_batch(self, cfg: Dict, index: torch.Tensor, device: torch.device) -> Dict:
         """The training batch of the examples at ``index`` (dataset tasks)."""
         raise NotImplementedError
@@ -93,6 +112,18 @@ class Task:
 
     def evaluate(self, model: nn.Module, cfg: Dict, data) -> Dict[str, float]:
         """The test metrics (``loss`` and ``test_metrics``) of one test set, under no_grad."""
+        raise NotImplementedError
+
+    def after_evaluation(self, model: nn.Module, cfg: Dict, step: int) -> None:
+        """Called after each evaluation, under no_grad in eval mode (a text sample, say)."""
+
+    def finish(self, model: nn.Module, cfg: Dict, results: Dict) -> Dict:
+        """Called once at the end with the best weights loaded (the last ones without
+        ``best_by``); what it returns is added to results.json."""
+        return {}
+
+    def write_grid(self, out, results: Dict[str, Dict]) -> None:
+        """The grid's table and figure in ``out`` from each preset's results.json."""
         raise NotImplementedError
 
     def log_line(self, name: str, step: int, metrics: Dict[str, float], cfg: Dict) -> str:
