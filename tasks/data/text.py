@@ -1,5 +1,6 @@
 """Text for language models: Penn Treebank (Mikolov's word-level text) and plain text read as
-characters, as token-id streams, and the usual batching of a stream into parallel rows.
+characters, as token-id streams; the usual batching of a stream into parallel rows, and
+``TextStreams``, a stream read in windows as a language model's training examples.
 """
 from __future__ import annotations
 
@@ -44,3 +45,58 @@ def batchify(ids: torch.Tensor, streams: int) -> torch.Tensor:
     that does not fill a row is dropped), the layout truncated BPTT reads in windows."""
     steps = ids.numel() // streams
     return ids[:steps * streams].view(streams, steps).t().contiguous()
+
+
+class TextStreams:
+    """A token stream read as a language model's training data.
+
+    The stream is cut into ``streams`` equal rows (``rows[t, b]``); a window is ``length``
+    steps of every row and its next-token targets. Example ``i`` of ``order`` and ``chunks``
+    is window ``i // streams`` of row ``i % streams``, so a step's ``streams`` consecutive
+    examples are one window of every row; example ``i`` of ``random`` is a start offset into
+    the whole stream.
+    """
+
+    def __init__(self, ids: torch.Tensor, streams: int, length: int):
+        if ids.numel() // streams < length + 1:
+            raise ValueError(f"the text ({ids.numel()} tokens) is too short for "
+                             f"{streams} streams of {length}-token sequences")
+        self.ids, self.streams, self.length = ids, streams, length
+        self.rows = batchify(ids, streams)
+        self.windows = (self.rows.shape[0] - 1) // self.length
+        self.starts = ids.numel() - length  # random start offsets: 0 .. starts - 1
+
+    def __len__(self) -> int:
+        return self.windows * self.streams
+
+    def order(self, sampler: str, chunks: int, gen: torch.Generator) -> torch.Tensor:
+        """One epoch's examples, ``streams`` per step."""
+        if sampler == "random":
+            return torch.randint(0, self.starts, (len(self),), generator=gen)
+        if sampler == "order":
+            return torch.arange(len(self))
+        if sampler == "chunks":
+            return torch.cat([torch.arange(b * self.streams, e * self.streams)
+                              for b, e in (self.chunk_bounds(chunks)[c]
+                                           for c in torch.randperm(chunks, generator=gen))])
+        raise ValueError(f"unknown sampler {sampler!r}")
+
+    def chunk_bounds(self, chunks: int) -> List[tuple]:
+        """[first window, end window) of each chunk."""
+        if not 1 <= chunks <= self.windows:
+            raise ValueError(f"--chunks must be in 1..{self.windows}, got {chunks}")
+        edges = [c * self.windows // chunks for c in range(chunks + 1)]
+        return list(zip(edges[:-1], edges[1:]))
+
+    def batch(self, index: torch.Tensor, sampler: str, chunks: int) -> Dict:
+        """Inputs and targets ``[length, len(index)]``, and whether the state starts at zero."""
+        t = torch.arange(self.length + 1)[:, None]
+        if sampler == "random":
+            seq = self.ids[index[None, :] + t]
+            reset = True
+        else:
+            window, row = index // self.streams, index % self.streams
+            seq = self.rows[window[None, :] * self.length + t, row[None, :]]
+            starts = {b for b, _ in self.chunk_bounds(chunks)} if sampler == "chunks" else {0}
+            reset = int(window[0]) in starts
+        return dict(x=seq[:-1], y=seq[1:], reset=reset)
