@@ -15,7 +15,8 @@ COMMON_DEFAULTS = dict(
     betas=None, iters=1000, epochs=None, batch_size=64, seed=0, device="cpu", dtype="float32",
     data_dir=None,
     out=None, threads=1, eval_every=100, log_every=10, clip=0.0, clip_value=0.0, lr_schedule="fixed",
-    min_lr=1e-3, factor=0.5, patience=2, compare=False, progress=None, plot=True,
+    min_lr=1e-3, factor=0.5, patience=2, plateau_on="train", decay_start=15, stop_after=0,
+    momentum=0.0, compare=False, progress=None, plot=True,
     resume=False, weight_decay=0.0, l2_coupling="decoupled", chrono_init=0,
 )
 
@@ -42,12 +43,25 @@ def build_parser(task: Task) -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=None)
     g.add_argument("--betas", type=float, nargs=2, default=None, metavar=("B1", "B2"),
                    help="Adam's betas (default 0.9 0.999)")
-    g.add_argument("--lr-schedule", choices=("fixed", "plateau", "cosine"), default=None,
-                   help="plateau: ReduceLROnPlateau on the train loss at every eval; "
-                   "cosine: anneal to --min-lr over the run")
+    g.add_argument("--lr-schedule", choices=("fixed", "plateau", "cosine", "decay"),
+                   default=None,
+                   help="plateau: ReduceLROnPlateau at every eval (on --plateau-on); "
+                   "cosine: anneal to --min-lr over the run; decay: --lr for --decay-start "
+                   "epochs, then times --factor after each epoch (Zaremba et al.)")
     g.add_argument("--min-lr", type=float, default=None, help="plateau floor / cosine end")
-    g.add_argument("--factor", type=float, default=None, help="plateau decay factor")
+    g.add_argument("--factor", type=float, default=None,
+                   help="plateau decay factor / decay's factor per epoch")
     g.add_argument("--patience", type=int, default=None, help="plateau patience (evals)")
+    g.add_argument("--plateau-on", choices=("train", "best"), default=None,
+                   help="what the plateau schedule watches: the train loss (default) or the "
+                   "test metric that picks the best weights (a validation set)")
+    g.add_argument("--decay-start", type=int, default=None,
+                   help="decay: epochs at the initial lr (default 15)")
+    g.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="stop when the test metric that picks the best weights has not "
+                   "improved in N evaluations (0: never, the default)")
+    g.add_argument("--momentum", type=float, default=None,
+                   help="sgd's (classical) momentum (default 0)")
     g.add_argument("--clip", type=float, default=None, help="gradient norm clip (0: off)")
     g.add_argument("--clip-value", type=float, default=None, metavar="V",
                    help="clip every gradient element to [-V, V] (0: off)")

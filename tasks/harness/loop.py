@@ -51,6 +51,7 @@ class TrainState:
     carry: Any = None  # the recurrent state carried to the next batch (truncated BPTT)
     smoothed: Dict[str, float] = field(default_factory=dict)  # smoothed train metrics
     best: Dict[str, float] = field(default_factory=dict)  # value and step of best.pt
+    evals_since_best: int = 0
 
 
 class _World:
@@ -65,6 +66,14 @@ class _World:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    def broadcast(self, value):
+        """rank 0's ``value`` on every process (what only rank 0's evaluation knows)."""
+        if self.size == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def gather(self, value) -> List:
         if self.size == 1:
@@ -129,15 +138,23 @@ class _Run:
         if self.world.size > 1:
             self.trained = nn.parallel.DistributedDataParallel(self.model)
         self.optimizer = make_optimizer(cfg, self.model.parameters())
-        self.plateau = self.cosine = None
+        self.epoch_steps = self.steps_per_epoch or task.epoch_iters
+        self.plateau = self.cosine = self.decay = None
         if cfg["lr_schedule"] == "plateau":
+            if cfg["plateau_on"] == "best" and task.best_by is None:
+                raise ValueError(f"--plateau-on best: tasks.{task.name} names no test metric")
             self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 self.optimizer, factor=cfg["factor"], patience=cfg["patience"],
-                min_lr=cfg["min_lr"])
+                min_lr=cfg["min_lr"], mode="max" if cfg["plateau_on"] == "best" and
+                metric_formats(task)[task.best_by[1]].higher_is_better else "min")
         elif cfg["lr_schedule"] == "cosine":
             self.cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
                 self.optimizer, T_max=cfg["iters"], eta_min=cfg["min_lr"])
-        self.schedulers = [s for s in (self.plateau, self.cosine) if s is not None]
+        elif cfg["lr_schedule"] == "decay":  # Zaremba et al.: fixed, then a factor per epoch
+            start, factor = cfg["decay_start"], cfg["factor"]
+            self.decay = torch.optim.lr_scheduler.LambdaLR(
+                self.optimizer, lambda epoch: factor ** max(0, epoch + 1 - start))
+        self.schedulers = [s for s in (self.plateau, self.cosine, self.decay) if s is not None]
         # the data order: one generator, shared by every process for a dataset (each takes its
         # shard of the same global batch), one per process for generated data
         seed = cfg["seed"] + 1 + (0 if task.dataset else 1000 * self.world.rank)
@@ -242,6 +259,21 @@ class _Run:
         self.state.eval_time += time.perf_counter() - t0
         sys.stdout.flush()
 
+    def _after_evaluation(self) -> bool:
+        """The plateau schedule's step (on the train loss since the last evaluation, or on
+        the ``best_by`` test metric); True when ``--stop-after`` says to stop."""
+        s, cfg = self.state, self.cfg
+        watched = None
+        if self.task.best_by is not None and self.world.main:
+            name, key = self.task.best_by
+            watched = s.last_eval[name][key]
+        watched, since = self.world.broadcast((watched, s.evals_since_best))
+        if self.plateau is not None:
+            self.plateau.step(watched if cfg["plateau_on"] == "best"
+                              else s.plateau_loss / max(s.plateau_n, 1))
+        s.plateau_loss, s.plateau_n = 0.0, 0
+        return bool(cfg["stop_after"]) and since >= cfg["stop_after"]
+
     def _keep_best(self, step: int) -> None:
         """best.pt: the weights of the best evaluation so far by the task's ``best_by``."""
         if self.task.best_by is None:
@@ -250,8 +282,10 @@ class _Run:
         value = self.state.last_eval[name][key]
         sign = 1 if self.formats[key].higher_is_better else -1
         best = self.state.best
+        self.state.evals_since_best += 1
         if not best or sign * value > sign * best["value"]:
             self.state.best = dict(value=value, step=step)
+            self.state.evals_since_best = 0
             torch.save(self.model.state_dict(), self.out / "best.pt.tmp")
             os.replace(self.out / "best.pt.tmp", self.out / "best.pt")
 
@@ -319,6 +353,15 @@ class _Run:
     def _log_train(self, step: int, start: float, bar) -> None:
         s = self.state
         means = {k: s.smoothed.get(k, v / s.window_n) for k, v in s.window.items()}
+        for m in self.task.train_metrics:
+            if m.derive is not None:
+                means[m.name] = m.derive(means)
+        items = self.task.items_per_step(self.cfg)
+        now = time.perf_counter()
+        if items is not None and now > self.last_log[0]:
+            what, n = items
+            means[f"{what}_per_s"] = n * (step - self.last_log[1]) / (now - self.last_log[0])
+        self.last_log = (now, step)
         lr = self.optimizer.param_groups[0]["lr"]
         extra = {"epoch": round(self._epoch(step), 4)} if self.task.dataset else {}
         self.log.write(kind="train", step=step, **extra, **means, lr=lr,
@@ -328,17 +371,27 @@ class _Run:
         bar.set_postfix(**shown, lr=f"{lr:.2g}")
         s.window, s.window_n = {}, 0
 
+    def _bar_label(self, step: int) -> str:
+        if not self.task.dataset:
+            return self.task.name
+        epochs = math.ceil(self.cfg["iters"] / self.steps_per_epoch)
+        return f"{self.task.name} epoch {step // self.steps_per_epoch + 1}/{epochs}"
+
     def run(self) -> Dict:
         cfg, s = self.cfg, self.state
         if self.world.main:
             print(self.header, flush=True)
             if cfg["resume"]:
                 print(f"resumed from {self.checkpoint} at step {s.step}", flush=True)
-        bar = tqdm(total=cfg["iters"], initial=s.step, desc=self.task.name, dynamic_ncols=True,
+        per_epoch = self.steps_per_epoch if self.task.dataset else None  # a bar per epoch
+        bar = tqdm(total=per_epoch or cfg["iters"],
+                   initial=s.step % per_epoch if per_epoch else s.step,
+                   desc=self._bar_label(s.step), dynamic_ncols=True,
                    disable=(None if cfg["progress"] is None else not cfg["progress"])
                    if self.world.main else True, file=sys.stderr,
                    unit="step" if not self.task.dataset else "batch")
         start = time.perf_counter() - s.elapsed
+        self.last_log = (time.perf_counter(), s.step)
         status = "finished"
         try:
             self.trained.train()
@@ -349,19 +402,27 @@ class _Run:
                     break
                 s.step = step
                 bar.update(1)
+                if per_epoch and step % per_epoch == 0 and step < cfg["iters"]:
+                    bar.reset()
+                    bar.set_description(self._bar_label(step))
                 if step % cfg["log_every"] == 0 or step == cfg["iters"]:
                     self._log_train(step, start, bar)
+                if self.decay is not None and step % self.epoch_steps == 0:
+                    self.decay.step()
                 if step % cfg["eval_every"] == 0 or step == cfg["iters"]:
-                    if self.plateau is not None:
-                        self.plateau.step(s.plateau_loss / s.plateau_n)
-                    s.plateau_loss, s.plateau_n = 0.0, 0
                     self._evaluate(step)
+                    stop = self._after_evaluation()
                     if self.world.main:
                         write_results(self.out, self.task, cfg, self.backends, self.n_params,
                                       self.log, s.last_eval, step, time.perf_counter() - start,
                                       s.eval_time, "running", self.world.size)
                         self._plot()
                     self._save_checkpoint(start)
+                    if stop:
+                        status = (f"stopped early at step {step}: no better "
+                                  f"{' '.join(self.task.best_by)} in {cfg['stop_after']} "
+                                  "evaluations")
+                        break
         except KeyboardInterrupt:
             status = f"interrupted at step {s.step}"
         finally:

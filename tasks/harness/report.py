@@ -84,6 +84,19 @@ def _x(record: Dict) -> float:
     return record["epoch"] if "epoch" in record else record["step"]
 
 
+def _plot_lr(ax, runs: Dict[str, List[Dict]]) -> None:
+    """The learning rate on a second axis, when a schedule changed it."""
+    for label, records in runs.items():
+        train = [r for r in records if r["kind"] == "train" and "lr" in r]
+        if len({r["lr"] for r in train}) > 1:
+            lr_ax = ax.twinx()
+            lr_ax.plot([_x(r) for r in train], [r["lr"] for r in train], color="0.5", ls="--",
+                       lw=1, label=f"{label} lr".strip())
+            lr_ax.set_ylabel("learning rate")
+            lr_ax.legend(fontsize=8, loc="center right")
+            return
+
+
 def plot_curves(task: Task, runs: Dict[str, List[Dict]], path: Path, title: str = "") -> Path:
     """Train and test curves of one or more runs (``runs``: label -> records) on shared axes,
     a panel per declared metric, against epochs for datasets and steps otherwise."""
@@ -110,6 +123,8 @@ def plot_curves(task: Task, runs: Dict[str, List[Dict]], path: Path, title: str 
                 if pts:
                     ax.plot([_x(r) for r in pts], [scale * r[metric.name] for r in pts],
                             marker=".", label=f"{prefix}{name}")
+        if metric is panels[0]:
+            _plot_lr(ax, runs)
         if metric.kind in ("loss", "perplexity"):
             ax.set_yscale("log")
         if metric.kind == "accuracy":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -26,10 +26,13 @@ class Metric:
 
     A train metric with ``smoothing`` s is reported as the moving average the char-RNN
     literature calls the smooth loss: ``m = s * m + (1 - s) * value`` after every step,
-    starting from the first step's value, instead of the mean since the last log line."""
+    starting from the first step's value, instead of the mean since the last log line.
+    A train metric with ``derive`` is computed at each log line from the other metrics' means
+    (perplexity: the exponential of the mean loss, not the mean of per-batch perplexities)."""
     name: str
     kind: str = "value"
     smoothing: float = 0.0
+    derive: Optional[Callable[[Dict[str, float]], float]] = None
 
     def format(self, value: float) -> str:
         return f"{100 * value:.1f}%" if self.kind == "accuracy" else f"{value:.4f}"
@@ -91,6 +94,11 @@ class Task:
     def train_size(self, cfg: Dict) -> int:
         """Examples in the training set (dataset tasks)."""
         raise NotImplementedError
+
+    def items_per_step(self, cfg: Dict) -> Optional[Tuple[str, int]]:
+        """(what, how many) one step trains on, e.g. ("words", 500): the log and the progress
+        bar then show their rate (``words_per_s``)."""
+        return None
 
     def epoch_order(self, cfg: Dict, gen: torch.Generator) -> torch.Tensor:
         """The order a dataset task visits its examples in one epoch (``batch_size`` of them
@@ -170,13 +178,15 @@ def chrono_init_(rnn: nn.Module, t_max: float) -> None:
 
 
 def make_optimizer(cfg: Dict, params) -> torch.optim.Optimizer:
-    """The seed reports' optimizers; momentum is Nesterov 0.9 and RMSProp is TF's (decay 0.9,
+    """The seed reports' optimizers; sgd takes ``--momentum`` (classical, default 0),
+    momentum is Nesterov 0.9 and RMSProp is TF's (decay 0.9,
     momentum 0.9), as in the copy report. ``--betas`` sets Adam's. ``--weight-decay`` is
     torch's L2 term: decoupled (AdamW) for Adam unless ``--l2-coupling coupled`` (Adam's own
     ``weight_decay``, an L2 term added to the gradient)."""
     name, lr, wd = cfg["optimizer"], cfg["lr"], cfg.get("weight_decay", 0.0)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=wd)
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.get("momentum") or 0.0,
+                               weight_decay=wd)
     if name == "momentum":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=wd)
     if name == "adam":
