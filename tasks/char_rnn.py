@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data.text import TextStreams, characters
-from .harness import Metric, Task, main, make_rnn
+from .harness import Metric, Task, main, make_rnn, save_grid
 
 _REPORT = dict(cell="rnn", hidden=100, layers=1, seq_length=25, optimizer="adagrad", lr=0.1,
                clip_value=5.0, batch_size=1, sampler="order", chunks=4, init="course",
@@ -242,12 +242,7 @@ class CharRNNTask(Task):
         for ax in (ax_s, ax_b):
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "grid.png", dpi=100)
-        plt.close(fig)
-        (out / "grid.md").write_text("\n".join(lines) + "\n")
-        print("\n".join(lines))
-        print(f"\ngrid table: {out / 'grid.md'}\ngrid figure: {out / 'grid.png'}")
+        save_grid(out, fig, lines)
 
     def log_line(self, name, step, metrics, cfg):
         return (f"{name}, iter {step}: {metrics['bits_per_char']:.4f} bits per character "

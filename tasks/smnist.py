@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data.mnist import load_split
-from .harness import Metric, Task, main as harness_main
+from .harness import Metric, Task, main as harness_main, save_grid
 from .models import SequenceClassifier
 
 PERMUTATION_SEED = 92916  # the fixed pixel order of --permuted
@@ -151,12 +151,7 @@ class SequentialMNIST(Task):
                 acc.legend(fontsize=7, loc="lower center")
         fig.suptitle("sequential MNIST, report 002's grid: loss (log, left) and test accuracy "
                      "(%, right) against epoch", fontsize=11)
-        fig.tight_layout()
-        fig.savefig(out / "grid.png", dpi=80)
-        plt.close(fig)
-        (out / "grid.md").write_text("\n".join(lines) + "\n")
-        print("\n".join(lines))
-        print(f"\ngrid table: {out / 'grid.md'}\ngrid figure: {out / 'grid.png'}")
+        save_grid(out, fig, lines, dpi=80)
 
 TASK = SequentialMNIST()
 

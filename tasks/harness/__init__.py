@@ -9,11 +9,11 @@
 """
 from .config import COMMON_DEFAULTS, build_parser, resolve_config
 from .loop import TrainState, compare, main, run_grid, train
-from .report import RunLog, plot_curves, print_summary, write_results
+from .report import RunLog, plot_curves, print_summary, save_grid, write_results
 from .task import (LOSS, OPTIMIZERS, RNN_CLASSES, Metric, Task, chrono_init_, make_optimizer,
                    make_rnn, recurrent_backends)
 
 __all__ = ["COMMON_DEFAULTS", "LOSS", "OPTIMIZERS", "RNN_CLASSES", "Metric", "RunLog", "Task",
            "TrainState", "build_parser", "chrono_init_", "compare", "main", "make_optimizer",
            "make_rnn", "plot_curves", "print_summary", "recurrent_backends", "resolve_config",
-           "run_grid", "train", "write_results"]
+           "run_grid", "save_grid", "train", "write_results"]

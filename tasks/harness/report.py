@@ -163,3 +163,15 @@ def print_summary(task: Task, results: Dict) -> None:
     if "plot" in results:
         print(f"plot:    {results['plot']}")
     sys.stdout.flush()
+
+
+def save_grid(out: Path, fig, lines: List[str], dpi: int = 100) -> None:
+    """A grid's figure (grid.png) and markdown table (grid.md), and the table printed."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(out / "grid.png", dpi=dpi)
+    plt.close(fig)
+    (out / "grid.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"\ngrid table: {out / 'grid.md'}\ngrid figure: {out / 'grid.png'}")
