@@ -244,6 +244,9 @@ class CharRNNTask(Task):
             ax.legend(fontsize=8)
         save_grid(out, fig, lines)
 
+    def train_log_line(self, step, record, cfg):
+        return f"iter {step}, smooth loss {record['smooth_loss']:.4f}"
+
     def log_line(self, name, step, metrics, cfg):
         return (f"{name}, iter {step}: {metrics['bits_per_char']:.4f} bits per character "
                 f"(cross entropy {metrics['loss']:.4f} nats)")

@@ -146,6 +146,11 @@ class PennTreebank(Task):
         print(self.log_line("train", results.get("best", {}).get("step", 0), train, cfg))
         return {"best_train_perplexity": train["perplexity"]}
 
+    def train_log_line(self, step, record, cfg):
+        return (f"epoch {record['epoch']:.2f} (step {step}): train perplexity "
+                f"{record['perplexity']:.2f} (loss {record['loss']:.4f}), lr {record['lr']:.4g}, "
+                f"{record.get('words_per_s', 0):.0f} words/s")
+
     def log_line(self, name, step, metrics, cfg):
         epoch = step / max(len(self.train_text) // cfg["batch_size"], 1)
         return (f"epoch {epoch:.2f} (step {step}): {name} perplexity "

@@ -247,6 +247,10 @@ class _Run:
         t0 = time.perf_counter()
         self.model.eval()
         extra = {"epoch": round(self._epoch(step), 4)} if self.task.dataset else {}
+        last_train = next((r for r in reversed(self.log.records) if r["kind"] == "train"), None)
+        line = last_train and self.task.train_log_line(step, last_train, self.cfg)
+        if line:
+            tqdm.write(line, file=sys.stdout)
         with torch.no_grad():
             for name, data in self.tests.items():
                 metrics = self.task.evaluate(self.model, self.cfg, data)
@@ -405,11 +409,12 @@ class _Run:
                 if per_epoch and step % per_epoch == 0 and step < cfg["iters"]:
                     bar.reset()
                     bar.set_description(self._bar_label(step))
-                if step % cfg["log_every"] == 0 or step == cfg["iters"]:
+                evaluates = step % cfg["eval_every"] == 0 or step == cfg["iters"]
+                if step % cfg["log_every"] == 0 or evaluates:
                     self._log_train(step, start, bar)
                 if self.decay is not None and step % self.epoch_steps == 0:
                     self.decay.step()
-                if step % cfg["eval_every"] == 0 or step == cfg["iters"]:
+                if evaluates:
                     self._evaluate(step)
                     stop = self._after_evaluation()
                     if self.world.main:

@@ -152,6 +152,9 @@ def print_summary(task: Task, results: Dict) -> None:
     for name, m in rows:
         print(f"{name:<{width}}  " + "  ".join(
             f"{formats.get(k, Metric(k)).format(m[k]) if k in m else '':>10}" for k in keys))
+    for name, best in results.get("best_train", {}).items():
+        print(f"best {name}: {formats.get(name, Metric(name)).format(best['value'])} "
+              f"at step {best['step']}")
     kind = "fused" if cfg["fused"] else "torch.nn"
     first = results["first_loss"]
     procs = f", processes={results['processes']}" if results.get("processes", 1) > 1 else ""

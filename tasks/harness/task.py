@@ -134,6 +134,11 @@ class Task:
         """The grid's table and figure in ``out`` from each preset's results.json."""
         raise NotImplementedError
 
+    def train_log_line(self, step: int, record: Dict[str, float], cfg: Dict) -> Optional[str]:
+        """A line printed before each evaluation's, from the last train log record (the
+        char-RNN's smooth loss, the language model's perplexity and words/s); None: none."""
+        return None
+
     def log_line(self, name: str, step: int, metrics: Dict[str, float], cfg: Dict) -> str:
         formats = {m.name: m for m in (LOSS, *self.test_metrics)}
         return f"{name}, iterations: {step}, " + ", ".join(
