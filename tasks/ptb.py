@@ -7,7 +7,8 @@ carried across batches, detached, and reset at each epoch. Model: embedding 200,
 layers of 200, a linear read-out to the 10,000 words; ``--dropout`` 0.4 on the non-recurrent
 connections only (after the embedding, between the layers, before the read-out). SGD with
 momentum 0.8, the gradient norm clipped at 5, lr 1 for 15 epochs then times 0.98 after each
-epoch, 70 epochs. Every epoch ends with the whole validation and test streams read with
+epoch, 70 epochs, or fewer: a run stops once validation has not improved for 10 epochs
+(``--stop-after 10``; ``--stop-after 0`` runs all 70 as the report did). Every epoch ends with the whole validation and test streams read with
 ``--eval-batch`` 10 streams, the state carried through; the weights with the best validation
 perplexity are kept (``best.pt``), and at the end the train, validation and test perplexities
 are measured with them (the train stream read as the test streams are, dropout off).
@@ -34,8 +35,8 @@ from .models.language import LanguageModel
 
 _REPORT = dict(embed=200, hidden=200, layers=2, bptt=25, batch_size=20, eval_batch=10,
                optimizer="sgd", lr=1.0, momentum=0.8, clip=5.0, lr_schedule="decay",
-               decay_start=15, factor=0.98, epochs=70, eval_every=0, log_every=100,
-               init_range=0.1)
+               decay_start=15, factor=0.98, epochs=70, stop_after=10, eval_every=0,
+               log_every=100, init_range=0.1)
 
 PRESETS = {
     "quick": dict(about="seconds: LSTM 2x64 on the first 30,000 train words, 2 epochs",

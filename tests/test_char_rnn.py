@@ -241,3 +241,10 @@ def test_sampling_is_reproducible_with_a_seed(rng):
             char_rnn.synthesize(model, chars, "xyz", 5, 1.0, torch.Generator())
         with pytest.raises(ValueError, match="temperature"):
             char_rnn.synthesize(model, chars, "a", 5, 0.0, torch.Generator())
+
+
+def test_help_lists_every_preset(capsys):
+    with pytest.raises(SystemExit):
+        harness.main(char_rnn.TASK, ["--help"])
+    out = capsys.readouterr().out
+    assert all(preset in out for preset in char_rnn.TASK.presets)

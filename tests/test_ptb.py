@@ -231,3 +231,10 @@ def test_the_decay_schedule_holds_then_decays_each_epoch(tmp_path, data_dir):
     expected = [1.0, 1.0, 0.5, 0.25, 0.125]
     for epoch, lr in enumerate(expected):
         assert lrs[epoch * per_epoch + 1] == pytest.approx(lr), epoch
+
+
+def test_help_lists_every_preset(capsys):
+    with pytest.raises(SystemExit):
+        harness.main(ptb.TASK, ["--help"])
+    out = capsys.readouterr().out
+    assert all(preset in out for preset in ptb.TASK.presets)
