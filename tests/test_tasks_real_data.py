@@ -284,3 +284,53 @@ def test_language_model_ties_weights_and_carries_its_state():
     torch.testing.assert_close(torch.cat([first, second]), whole)
     with pytest.raises(ValueError, match="--embed"):
         LanguageModel(dict(cfg, embed=4), vocab=11)
+
+
+class _Scripted(harness.Task):
+    """A generated task whose validation perplexity at each evaluation is scripted."""
+    name = "scripted"
+    train_metrics = ()
+    test_metrics = (harness.Metric("perplexity", "perplexity"),)
+    best_by = ("valid", "perplexity")
+    defaults = dict(hidden=3, iters=40, batch_size=2, eval_every=4, plot=False, optimizer="sgd",
+                    lr=0.1)
+    presets = {"quick": {}}
+    SCRIPT = [9.0, 5.0, 6.0, 4.0, 4.5, 4.2, 4.1, 7.0, 8.0, 9.0]
+
+    def __init__(self):
+        self.evaluations = 0
+
+    def build(self, cfg):
+        return harness.make_rnn({**cfg, "cell": "rnn", "layers": 1}, 2)
+
+    def sample(self, cfg, gen, device):
+        return {"x": torch.randn(3, cfg["batch_size"], 2, generator=gen)}
+
+    def loss(self, model, batch):
+        return model(batch["x"])[0].pow(2).mean(), {}
+
+    def test_sets(self, cfg, gen, device):
+        return {"valid": None}
+
+    def evaluate(self, model, cfg, data):
+        value = self.SCRIPT[min(self.evaluations, len(self.SCRIPT) - 1)]
+        self.evaluations += 1
+        return {"loss": 0.0, "perplexity": value}
+
+
+def test_best_weights_early_stop_and_plateau_on_the_validation_metric(tmp_path):
+    task = _Scripted()
+    results = harness.main(task, ["--stop-after", "3", "--lr-schedule", "plateau", "--plateau-on",
+                                  "best", "--patience", "1", "--factor", "0.5", "--min-lr", "0",
+                                  "--log-every", "4", "--out", str(tmp_path), "--no-progress"])
+    # best 4.0 at the 4th evaluation (step 16); 4.5, 4.2, 4.1 do not beat it: stop at step 28
+    assert results["steps"] == 28 and results["status"].startswith("stopped early at step 28")
+    assert results["best"]["step"] == 16 and results["best"]["value"] == 4.0
+    saved = torch.load(tmp_path / "best.pt")
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert not all(torch.equal(saved[k], v) for k, v in checkpoint["model"].items())
+    # the plateau schedule (patience 1) watched the scripted values: 6.0 was one evaluation
+    # without a better value, 4.5 and 4.2 were two, so the lr was halved after 4.2 (step 24);
+    # on the train loss, which falls, it would not have been
+    lrs = [r["lr"] for r in map(json.loads, open(results["metrics_log"])) if r["kind"] == "train"]
+    assert lrs == [0.1] * 6 + [0.05]
