@@ -1,7 +1,8 @@
 """The word-level language model on Penn Treebank (report 004): the loader, the batchifier,
 the carried state, perplexity, dropout only off the recurrent path, DropConnect, tied weights,
-and fused == torch.nn."""
+fused == torch.nn, and an exact resume."""
 import copy
+import json
 import math
 
 import pytest
@@ -224,7 +225,6 @@ def test_the_decay_schedule_holds_then_decays_each_epoch(tmp_path, data_dir):
     results = harness.main(ptb.TASK, _argv("--epochs", "5", "--decay-start", "2", "--factor",
                                            "0.5", "--log-every", "1", "--out", str(tmp_path)))
     per_epoch = len(ptb.TASK.train_text) // 4
-    import json
     lrs = {r["step"]: r["lr"] for r in map(json.loads, open(results["metrics_log"]))
            if r["kind"] == "train"}
     # epochs 1-2 at lr 1, then 0.5, 0.25, 0.125 (lr logged after the step's update)
@@ -238,3 +238,26 @@ def test_help_lists_every_preset(capsys):
         harness.main(ptb.TASK, ["--help"])
     out = capsys.readouterr().out
     assert all(preset in out for preset in ptb.TASK.presets)
+
+
+def test_resume_continues_exactly_with_dropout_decay_and_carried_state(tmp_path, data_dir):
+    """Stopped mid-epoch at a checkpoint (step 84: in epoch 2 of 74 steps each, after the
+    first decay, the state carried) and resumed: the same losses, lrs and best weights as one
+    uninterrupted run."""
+    if not (data_dir / "ptb").is_dir():
+        pytest.skip("no PTB in the data directory")
+    argv = _argv("--dropout", "0.3", "--decay-start", "1", "--factor", "0.5", "--log-every", "5",
+                 "--eval-every", "7")
+    whole = harness.main(ptb.TASK, [*argv, "--iters", "160", "--out", str(tmp_path / "whole")])
+    harness.main(ptb.TASK, [*argv, "--iters", "84", "--out", str(tmp_path / "split")])
+    split = harness.main(ptb.TASK, [*argv, "--iters", "160", "--resume",
+                                    "--out", str(tmp_path / "split")])
+    assert len(ptb.TASK.train_text) // 4 == 74
+
+    def records(name):
+        return [(r["kind"], r["step"], r["loss"], r.get("lr")) for r in
+                map(json.loads, open(tmp_path / name / "metrics.jsonl"))]
+
+    assert records("split") == records("whole")
+    assert split["best"] == whole["best"]
+    assert split["best_train_perplexity"] == whole["best_train_perplexity"]
