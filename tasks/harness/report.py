@@ -123,7 +123,7 @@ def plot_curves(task: Task, runs: Dict[str, List[Dict]], path: Path, title: str 
                 if pts:
                     ax.plot([_x(r) for r in pts], [scale * r[metric.name] for r in pts],
                             marker=".", label=f"{prefix}{name}")
-        if metric is panels[0]:
+        if metric is next((m for m in panels if m.name != "loss"), panels[0]):
             _plot_lr(ax, runs)
         if metric.kind in ("loss", "perplexity"):
             ax.set_yscale("log")
