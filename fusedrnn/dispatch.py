@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from typing import Dict, List, Optional, Tuple
 
-from .backend import cpu, reference, triton
+from .backend import cpu, cuda, reference, triton
 from .backend.base import Backend, LayerSpec
 
 log = logging.getLogger("fusedrnn")
@@ -18,6 +18,8 @@ _REGISTRY: Dict[str, Backend] = {
     "cpu": cpu.BACKEND,
     "triton:persistent": triton.PERSISTENT,
     "triton:alternating": triton.ALTERNATING,
+    "cuda:persistent": cuda.PERSISTENT,
+    "cuda:pointwise": cuda.POINTWISE,
 }
 
 # What "auto" tries, best first, per device type. It always ends in "reference".

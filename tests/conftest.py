@@ -4,6 +4,9 @@ import os
 # No GPU here: Triton kernels run in its interpreter, which must be chosen before Triton is
 # imported (fusedrnn imports it lazily, on first use of a triton backend).
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Likewise the CUDA C++ kernels run on CPU threads (csrc/cuda/emulate); bench/gpu_check.py sets
+# both to 0 to run the suite's GPU tests on a real device.
+os.environ.setdefault("FUSEDRNN_CUDA_EMULATE", "1")
 
 import random  # noqa: E402
 

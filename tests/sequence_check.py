@@ -92,15 +92,19 @@ def check_sequence(backend, cell_name, batch_sizes, hidden, proj=0, bias=True, r
         check(a.to("cpu", ref_dtype), b, f"{cell_name} grad {name}")
 
 
-def gradcheck_sequence(backend, rng: random.Random, cell_name, reverse):
-    """torch.autograd.gradcheck of ``backend.sequence`` in float64 on a small packed batch."""
+def gradcheck_sequence(backend, rng: random.Random, cell_name, reverse, proj=True,
+                       fast_mode=False):
+    """torch.autograd.gradcheck of ``backend.sequence`` in float64 on a small packed batch
+    (an LSTM with a projection unless ``proj`` is False). ``fast_mode`` checks the Jacobian
+    along random directions, for backends whose calls are slow (the emulated CUDA kernels)."""
     cell = CELLS[cell_name]
     batch_sizes = random_batch_sizes(rng, 4, 3, packed=True)
-    args = sequence_inputs(cell, batch_sizes, hidden=3, proj=2 if cell_name == "lstm" else 0)
+    args = sequence_inputs(cell, batch_sizes, hidden=3,
+                           proj=2 if cell_name == "lstm" and proj else 0)
     names = [k for k, v in args.items() if isinstance(v, torch.Tensor) and v.requires_grad]
 
     def fn(*tensors):
         kw = dict(args, **dict(zip(names, tensors)))
         return tuple(t for t in run_sequence(backend, cell, kw, reverse) if t is not None)
 
-    return torch.autograd.gradcheck(fn, [args[n] for n in names])
+    return torch.autograd.gradcheck(fn, [args[n] for n in names], fast_mode=fast_mode)

@@ -1,0 +1,340 @@
+// The CUDA kernels, generic over the cell (csrc/cells/*.h): they branch on its traits, never on
+// its name. The same source compiles with nvcc for a GPU and with g++ for the CPU emulation
+// (device.h). S is the storage type; A = Acc<S>::type is what the math, the cell state and
+// the saved gate pre-activations use (fp32 for fp16 and bf16).
+//
+// Every kernel calls the cell's forward/backward on one hidden unit with its G gate values
+// gathered into registers (H = 1, j = 0), so storage and layout never reach the cell's math.
+//
+// pointwise_*: one step's pointwise math after the recurrent GEMM (run by cuBLAS/torch);
+//   the contract of the Triton per-step kernels (fusedrnn/kernels/pointwise.py).
+// persistent_*: a whole layer direction in one cooperative launch. Block b owns hidden units
+//   [b U, b U + U) of every gate and keeps its slice of W_hh (forward) or of W_hh's columns
+//   (backward) in shared memory for the whole sequence; one grid barrier per step.
+#pragma once
+
+#include "cuda/device.h"
+
+namespace fusedrnn {
+namespace cuda {
+
+// One flat argument block for every kernel (the C entry points take it from Python as is).
+// Pointers are void so that one layout serves every storage type; each kernel names the
+// types it reads them as. Unused pointers are null.
+struct KernelArgs {
+  int64_t hidden, batch, steps;  // H, B (rows of the first step), T
+  int64_t n, n_prev;             // pointwise: this step's rows, the previous step's rows
+  int64_t units;                 // persistent: hidden units per block
+  int32_t reverse, save, write_h, has_dy;
+  const int32_t* sizes;    // persistent: [T] rows per step (device memory)
+  const int32_t* offsets;  // persistent: [T] first packed row per step
+  const void *xp, *hg, *h0, *c0, *w_hh, *b_hh, *h_prev, *c_prev, *dy, *dh_n, *dc_n;
+  void *h, *c, *y, *out, *hg_all, *c_all, *h_n, *c_n;
+  void *dh, *dc, *dxp, *dhg, *dh0, *dc0;
+  void* scratch;  // persistent: A-typed state buffers, sized by the caller (cuda_kernels.cpp)
+};
+
+template <int G, typename A>
+struct Gates {
+  A v[G];
+};
+
+// ---- per-step pointwise kernels: one thread per (row, hidden unit) ----
+
+// out[:n] = h_new (and the h state if write_h); the c state (A) = c_new, and c_all[:n] = c_new
+// if save. xg (= xp rows, b_ih included) and hg (= h W_hh^T + b_hh) are S-typed [n, G H].
+template <typename Cell, typename S>
+__global__ void pointwise_forward(KernelArgs a) {
+  using A = typename Acc<S>::type;
+  constexpr int G = Cell::kGates;
+  const int64_t H = a.hidden, e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= a.n * H) return;
+  const int64_t r = e / H, j = e % H;
+  const S* xg = static_cast<const S*>(a.xp) + r * G * H;
+  const S* hg = static_cast<const S*>(a.hg) + r * G * H;
+  A x[G], g[G], zero[G];
+#pragma unroll
+  for (int q = 0; q < G; ++q) {
+    x[q] = to_acc(xg[q * H + j]);
+    g[q] = to_acc(hg[q * H + j]);
+    zero[q] = A(0);
+  }
+  S* h = static_cast<S*>(a.h);
+  A* c = static_cast<A*>(a.c);
+  A cv = Cell::kCellState ? c[e] : A(0);
+  const A h_prev = Cell::kReadsH ? to_acc(h[e]) : A(0);
+  const A hv = Cell::template forward<false>(x, g, zero, zero, 1, 0, h_prev, cv, (A*)nullptr);
+  store(static_cast<S*>(a.out) + e, hv);
+  if (a.write_h) store(h + e, hv);
+  if (Cell::kCellState) {
+    c[e] = cv;
+    if (a.save) static_cast<A*>(a.c_all)[e] = cv;
+  }
+}
+
+// The cell's saved values for one unit, recomputed from its pre-activations.
+template <typename Cell, typename A>
+__device__ __forceinline__ void recompute(const A* x, const A* g, A h_prev, A c_prev,
+                                          A* saved) {
+  A zero[Cell::kGates];
+#pragma unroll
+  for (int q = 0; q < Cell::kGates; ++q) zero[q] = A(0);
+  A c = c_prev;
+  Cell::template forward<true>(x, g, zero, zero, 1, 0, h_prev, c, saved);
+}
+
+// One step's gradients (the Triton step_bwd_kernel's contract): dxp[:n]; dhg[:n] for a cell
+// with split hidden gradients; dc[:n] <- dc_prev; for a cell that reads h, dh[:n] <- the
+// direct dh_prev term (the caller adds dhg W_hh). h_prev and c_prev rows come from the
+// previous step's saved rows (n_prev of them) or else the initial state.
+template <typename Cell, typename S>
+__global__ void pointwise_backward(KernelArgs a) {
+  using A = typename Acc<S>::type;
+  constexpr int G = Cell::kGates;
+  const int64_t H = a.hidden, e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= a.n * H) return;
+  const int64_t r = e / H, j = e % H;
+  const S* xg = static_cast<const S*>(a.xp) + r * G * H;
+  const S* hg = static_cast<const S*>(a.hg) + r * G * H;
+  A x[G], g[G], saved[Cell::kSaved], dx[G], dg[G];
+#pragma unroll
+  for (int q = 0; q < G; ++q) {
+    x[q] = to_acc(xg[q * H + j]);
+    g[q] = to_acc(hg[q * H + j]);
+  }
+  const bool from_prev = r < a.n_prev;
+  const A h_prev = !Cell::kReadsH ? A(0)
+                   : from_prev    ? to_acc(static_cast<const S*>(a.h_prev)[e])
+                                  : to_acc(static_cast<const S*>(a.h0)[e]);
+  const A c_prev = !Cell::kCellState ? A(0)
+                   : from_prev       ? static_cast<const A*>(a.c_prev)[e]
+                                     : to_acc(static_cast<const S*>(a.c0)[e]);
+  recompute<Cell>(x, g, h_prev, c_prev, saved);
+  A* dh = static_cast<A*>(a.dh);
+  A* dc = static_cast<A*>(a.dc);
+  const A dhv = dh[e] + (a.has_dy ? to_acc(static_cast<const S*>(a.dy)[e]) : A(0));
+  A dcv = Cell::kCellState ? dc[e] : A(0);
+  const A direct = Cell::backward(saved, 1, 0, h_prev, c_prev, dhv, dcv, dx, dg);
+  S* dxp = static_cast<S*>(a.dxp) + r * G * H;
+  S* dhg = static_cast<S*>(a.dhg) + r * G * H;
+#pragma unroll
+  for (int q = 0; q < G; ++q) {
+    store(dxp + q * H + j, dx[q]);
+    if (Cell::kSplitHiddenGrad) store(dhg + q * H + j, dg[q]);
+  }
+  if (Cell::kReadsH) dh[e] = direct;
+  if (Cell::kCellState) dc[e] = dcv;
+}
+
+// ---- persistent kernels ----
+
+// Step k of the loop visits step t; the step the state of step t comes from (-1: initial).
+__device__ __forceinline__ int64_t visited(const KernelArgs& a, int64_t k) {
+  return a.reverse ? a.steps - 1 - k : k;
+}
+__device__ __forceinline__ int64_t previous(const KernelArgs& a, int64_t t) {
+  const int64_t p = a.reverse ? t + 1 : t - 1;
+  return (p >= 0 && p < a.steps) ? p : -1;
+}
+
+// Rows of a step the forward computes per round: its pre-activations [kRowChunk, G U] sit in
+// shared memory, so the shared size does not grow with the batch.
+constexpr int64_t kRowChunk = 16;
+
+// Shared memory of the forward for U units per block: the W_hh slice [G U, H] (S) and one
+// row chunk's recurrent pre-activations [kRowChunk, G U] (A).
+template <typename Cell, typename S>
+constexpr size_t persistent_forward_shared(int64_t hidden, int64_t units) {
+  using A = typename Acc<S>::type;
+  const size_t w = size_t(Cell::kGates) * units * hidden * sizeof(S);
+  return (w + 15) / 16 * 16 + size_t(kRowChunk) * Cell::kGates * units * sizeof(A);
+}
+
+// Scratch (A): h in two buffers (read one, write the other, so no block overwrites an h
+// another block still reads) and the c state, each [B, H].
+template <typename Cell>
+constexpr int64_t persistent_forward_scratch(int64_t hidden, int64_t batch) {
+  return (Cell::kCellState ? 3 : 2) * batch * hidden;
+}
+
+// y, h_n, c_n of a layer direction from xp (b_ih included); with save, hg_all [rows, G H] (A,
+// b_hh included) and c_all [rows, H] (A) for the backward.
+template <typename Cell, typename S>
+__global__ void persistent_forward(KernelArgs a) {
+  using A = typename Acc<S>::type;
+  constexpr int G = Cell::kGates;
+  const int64_t H = a.hidden, B = a.batch, U = a.units;
+  const int64_t j0 = int64_t(blockIdx.x) * U;
+  const int64_t Ub = (j0 + U <= H ? U : H - j0);  // this block's units (the last may have fewer)
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int warps = blockDim.x / kWarpSize;
+  S* w_s = dynamic_shared<S>();  // [G Ub][H]: row q = gate q / Ub, unit q % Ub
+  A* hg_s = reinterpret_cast<A*>(reinterpret_cast<char*>(w_s) +
+                                 (size_t(G) * U * H * sizeof(S) + 15) / 16 * 16);  // [chunk][G Ub]
+  const S* w_hh = static_cast<const S*>(a.w_hh);
+  for (int64_t i = threadIdx.x; i < G * Ub * H; i += blockDim.x) {
+    const int64_t q = i / H, k = i % H;
+    w_s[i] = w_hh[((q / Ub) * H + j0 + q % Ub) * H + k];
+  }
+  A* h_buf = static_cast<A*>(a.scratch);  // [2][B][H]
+  A* c_state = h_buf + 2 * B * H;         // [B][H]
+  for (int64_t i = threadIdx.x; i < B * Ub; i += blockDim.x) {
+    const int64_t e = (i / Ub) * H + j0 + i % Ub;
+    h_buf[e] = to_acc(static_cast<const S*>(a.h0)[e]);
+    if (Cell::kCellState) c_state[e] = to_acc(static_cast<const S*>(a.c0)[e]);
+  }
+  grid_sync();  // h0 complete in every block's columns
+  const S* xp = static_cast<const S*>(a.xp);
+  const S* b_hh = static_cast<const S*>(a.b_hh);
+  int cur = 0;
+  for (int64_t k = 0; k < a.steps; ++k) {
+    const int64_t t = visited(a, k), n = a.sizes[t], off = a.offsets[t];
+    const A* h_in = h_buf + cur * B * H;
+    A* h_out = h_buf + (1 - cur) * B * H;
+    for (int64_t r0 = 0; r0 < n; r0 += kRowChunk) {
+      const int64_t rn = (n - r0 < kRowChunk ? n - r0 : kRowChunk);
+      // recurrent pre-activations of this block's units: one warp per (row, gate unit)
+      for (int64_t p = warp; p < rn * G * Ub; p += warps) {
+        const int64_t r = r0 + p / (G * Ub), q = p % (G * Ub);
+        A acc = A(0);
+        for (int64_t kk = lane; kk < H; kk += kWarpSize)
+          acc += to_acc(w_s[q * H + kk]) * h_in[r * H + kk];
+        acc = warp_sum(acc);
+        if (lane == 0) hg_s[p] = acc;
+      }
+      __syncthreads();
+      for (int64_t i = threadIdx.x; i < rn * Ub; i += blockDim.x) {
+        const int64_t r = r0 + i / Ub, u = i % Ub, j = j0 + u, e = r * H + j, row = off + r;
+        A x[G], g[G], zero[G];
+#pragma unroll
+        for (int q = 0; q < G; ++q) {
+          x[q] = to_acc(xp[row * G * H + q * H + j]);
+          g[q] = hg_s[(i / Ub) * G * Ub + q * Ub + u] + (b_hh ? to_acc(b_hh[q * H + j]) : A(0));
+          zero[q] = A(0);
+        }
+        A cv = Cell::kCellState ? c_state[e] : A(0);
+        const A hv = round_to<S>(
+            Cell::template forward<false>(x, g, zero, zero, 1, 0, h_in[e], cv, (A*)nullptr));
+        h_out[e] = hv;
+        store(static_cast<S*>(a.y) + row * H + j, hv);
+        if (Cell::kCellState) c_state[e] = cv;
+        if (a.save) {
+          A* hg_all = static_cast<A*>(a.hg_all) + row * G * H;
+#pragma unroll
+          for (int q = 0; q < G; ++q) hg_all[q * H + j] = g[q];
+          if (Cell::kCellState) static_cast<A*>(a.c_all)[row * H + j] = cv;
+        }
+      }
+      __syncthreads();  // hg_s is free for the next chunk
+    }
+    for (int64_t i = n * Ub + threadIdx.x; i < B * Ub; i += blockDim.x) {
+      const int64_t e = (i / Ub) * H + j0 + i % Ub;
+      h_out[e] = h_in[e];  // inactive rows keep their state
+    }
+    grid_sync();  // h_out complete before any block reads it
+    cur = 1 - cur;
+  }
+  for (int64_t i = threadIdx.x; i < B * Ub; i += blockDim.x) {
+    const int64_t e = (i / Ub) * H + j0 + i % Ub;
+    store(static_cast<S*>(a.h_n) + e, h_buf[cur * B * H + e]);
+    if (Cell::kCellState) store(static_cast<S*>(a.c_n) + e, c_state[e]);
+  }
+}
+
+// Shared memory of the backward: the W_hh column slice, transposed: [U, G H] (S).
+template <typename Cell, typename S>
+constexpr size_t persistent_backward_shared(int64_t hidden, int64_t units) {
+  return size_t(Cell::kGates) * units * hidden * sizeof(S);
+}
+
+// Scratch (A): dh and dc [B, H], and the d(hg) rows [B, G H] of two steps (fp32 for the
+// recurrence; dhg, S-typed, is what the weight-gradient GEMM reads). Two, so that a block
+// writes step t-1's rows while a slower one still reads step t's.
+template <typename Cell>
+constexpr int64_t persistent_backward_scratch(int64_t hidden, int64_t batch) {
+  return (2 + 2 * Cell::kGates) * batch * hidden;
+}
+
+// dxp, dhg (split-gradient cells; else dxp is d(hg)), dh0, dc0 from the forward's saved
+// hg_all and c_all (A), y, and the incoming dy, dh_n, dc_n (S). One grid barrier per step:
+// each block updates dh and dc of its own units only, and reads the other blocks' d(hg)
+// rows after the barrier.
+template <typename Cell, typename S>
+__global__ void persistent_backward(KernelArgs a) {
+  using A = typename Acc<S>::type;
+  constexpr int G = Cell::kGates;
+  const int64_t H = a.hidden, B = a.batch, U = a.units, GH = G * H;
+  const int64_t j0 = int64_t(blockIdx.x) * U;
+  const int64_t Ub = (j0 + U <= H ? U : H - j0);
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int warps = blockDim.x / kWarpSize;
+  S* wt_s = dynamic_shared<S>();  // [Ub][G H]: wt_s[u][q] = W_hh[q][j0 + u]
+  const S* w_hh = static_cast<const S*>(a.w_hh);
+  for (int64_t i = threadIdx.x; i < Ub * GH; i += blockDim.x)
+    wt_s[i] = w_hh[(i % GH) * H + j0 + i / GH];
+  A* dh = static_cast<A*>(a.scratch);  // [B][H]
+  A* dc = dh + B * H;                  // [B][H]
+  A* dg_steps = dc + B * H;            // [2][B][G H]
+  for (int64_t i = threadIdx.x; i < B * Ub; i += blockDim.x) {
+    const int64_t e = (i / Ub) * H + j0 + i % Ub;
+    dh[e] = to_acc(static_cast<const S*>(a.dh_n)[e]);
+    if (Cell::kCellState) dc[e] = to_acc(static_cast<const S*>(a.dc_n)[e]);
+  }
+  __syncthreads();
+  const S* xp = static_cast<const S*>(a.xp);
+  const A* hg_all = static_cast<const A*>(a.hg_all);
+  const S* y = static_cast<const S*>(a.y);
+  for (int64_t k = a.steps - 1; k >= 0; --k) {
+    const int64_t t = visited(a, k), n = a.sizes[t], off = a.offsets[t];
+    const int64_t p = previous(a, t);
+    const int64_t n_prev = p >= 0 ? a.sizes[p] : 0, off_prev = p >= 0 ? a.offsets[p] : 0;
+    A* dg = dg_steps + (k % 2) * B * GH;
+    for (int64_t i = threadIdx.x; i < n * Ub; i += blockDim.x) {
+      const int64_t r = i / Ub, j = j0 + i % Ub, e = r * H + j, row = off + r;
+      A x[G], g[G], saved[Cell::kSaved], dx[G], dgv[G];
+#pragma unroll
+      for (int q = 0; q < G; ++q) {
+        x[q] = to_acc(xp[row * GH + q * H + j]);
+        g[q] = hg_all[row * GH + q * H + j];
+      }
+      const bool from_prev = r < n_prev;
+      const A h_prev = !Cell::kReadsH ? A(0)
+                       : from_prev    ? to_acc(y[(off_prev + r) * H + j])
+                                      : to_acc(static_cast<const S*>(a.h0)[e]);
+      const A c_prev = !Cell::kCellState ? A(0)
+                       : from_prev       ? static_cast<const A*>(a.c_all)[(off_prev + r) * H + j]
+                                         : to_acc(static_cast<const S*>(a.c0)[e]);
+      recompute<Cell>(x, g, h_prev, c_prev, saved);
+      A dcv = Cell::kCellState ? dc[e] : A(0);
+      const A dhv = dh[e] + to_acc(static_cast<const S*>(a.dy)[row * H + j]);
+      const A direct = Cell::backward(saved, 1, 0, h_prev, c_prev, dhv, dcv, dx, dgv);
+#pragma unroll
+      for (int q = 0; q < G; ++q) {
+        const A d_hidden = Cell::kSplitHiddenGrad ? dgv[q] : dx[q];
+        store(static_cast<S*>(a.dxp) + row * GH + q * H + j, dx[q]);
+        if (Cell::kSplitHiddenGrad) store(static_cast<S*>(a.dhg) + row * GH + q * H + j, dgv[q]);
+        dg[r * GH + q * H + j] = d_hidden;
+      }
+      dh[e] = direct;  // the direct term (0 for a cell that does not read h); the GEMM adds on
+      if (Cell::kCellState) dc[e] = dcv;
+    }
+    grid_sync();  // every block's d(hg) rows of this step are written
+    // dh_prev[r, j] += sum_q dg[r, q] W_hh[q, j] for this block's units: a warp per (row, unit)
+    for (int64_t pr = warp; pr < n * Ub; pr += warps) {
+      const int64_t r = pr / Ub, u = pr % Ub;
+      A acc = A(0);
+      for (int64_t q = lane; q < GH; q += kWarpSize) acc += dg[r * GH + q] * to_acc(wt_s[u * GH + q]);
+      acc = warp_sum(acc);
+      if (lane == 0) dh[r * H + j0 + u] += acc;
+    }
+    __syncthreads();  // this block's dh complete before its threads read it at the next step
+  }
+  for (int64_t i = threadIdx.x; i < B * Ub; i += blockDim.x) {
+    const int64_t e = (i / Ub) * H + j0 + i % Ub;
+    store(static_cast<S*>(a.dh0) + e, dh[e]);
+    if (Cell::kCellState) store(static_cast<S*>(a.dc0) + e, dc[e]);
+  }
+}
+
+}  // namespace cuda
+}  // namespace fusedrnn
