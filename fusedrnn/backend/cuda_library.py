@@ -64,7 +64,8 @@ def compile_command(emulate: bool, out: str) -> List[str]:
         return ["g++", "-std=c++20", "-O2", "-g0", "-shared", "-fPIC", "-pthread",
                 "-DFUSEDRNN_CUDA_EMULATE", "-I", _CSRC, "-x", "c++", SOURCE, "-o", out]
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
-    return [_nvcc() or "nvcc", "-std=c++17", "-O3", "-shared", "-Xcompiler", "-fPIC",
+    return [_nvcc() or "nvcc", "-std=c++17", "-O3", "--threads", "0", "-shared", "-Xcompiler",
+            "-fPIC",
             "-cudart", "static", "-I", _CSRC, *gencode, SOURCE, "-o", out]
 
 

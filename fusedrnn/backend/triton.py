@@ -210,10 +210,11 @@ _TUNED = {}
 
 
 def _tuned(kernel):
-    """The kernel itself in the interpreter; on a GPU, autotuned over the batch tile and
-    warps, keyed on the hidden size and the cell's shape (gates, cell state; the autotuner adds
-    the tensors' dtypes)."""
-    if _interpreting():
+    """The kernel itself in the interpreter or with FUSEDRNN_TRITON_AUTOTUNE=0 (one fixed
+    config: fewer compiles, for tests); on a GPU, autotuned over the batch tile and warps,
+    keyed on the hidden size and the cell's shape (gates, cell state; the autotuner adds the
+    tensors' dtypes)."""
+    if _interpreting() or os.environ.get("FUSEDRNN_TRITON_AUTOTUNE") == "0":
         return kernel
     if kernel not in _TUNED:
         import triton
