@@ -145,11 +145,8 @@ def tests(report: Report):
 
 
 def _has_timeout() -> bool:
-    try:
-        import pytest_timeout  # noqa: F401
-        return True
-    except ImportError:
-        return False
+    import importlib.util
+    return importlib.util.find_spec("pytest_timeout") is not None
 
 
 def _time_ms(fn, min_ms=60.0, max_reps=200):

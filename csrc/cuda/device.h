@@ -27,7 +27,7 @@ __device__ __forceinline__ void grid_sync() { emulate::grid_sync(); }
 #else
 template <typename T>
 __device__ __forceinline__ T* dynamic_shared() {
-  extern __shared__ double4 shared_words[];  // 32-byte aligned for any T
+  extern __shared__ __align__(16) unsigned char shared_words[];  // aligned for any T
   return reinterpret_cast<T*>(shared_words);
 }
 // Needs a cooperative launch (every block resident), which the launchers make.
