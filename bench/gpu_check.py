@@ -1,6 +1,6 @@
 """One command for a GPU machine: build, test and benchmark every GPU path, and report.
 
-    python bench/gpu_check.py [--out DIR] [--budget SECONDS]
+    python bench/gpu_check.py [--out DIR] [--budget SECONDS] [--parts a,b,...]
 
 Runs in the repository root with torch, Triton and nvcc preinstalled and no network:
 
@@ -10,7 +10,11 @@ Runs in the repository root with torch, Triton and nvcc preinstalled and no netw
    float64 reference and against torch.nn (cuDNN);
 4. benchmarks, forward and forward+backward, torch.nn (cuDNN) time / ours (> 1: we are faster):
    FlashRNN's setting (B=16, T=1024, H=768; fp32 and bf16) and the seed shapes (fp32);
-5. per-step latency against the hidden size (LSTM, B=16, T=256, fp32 and bf16).
+5. per-step latency against the hidden size (LSTM, B=16, T=256, fp32 and bf16);
+6. compute-sanitizer's racecheck and memcheck on a persistent forward and backward.
+
+Each timed part records the SM clock nvidia-smi reads during it (the card's clocks are left
+as they are found; a GEMM warm-up runs before the benchmarks).
 
 Writes ``gpu_check.md`` and ``gpu_check.json`` to --out and prints progress. It fails soft: a
 part that fails is reported with its error and the rest still runs; parts left when the
@@ -23,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -64,15 +69,21 @@ class Report:
             return
         self.log(f"{name} ...")
         t0 = time.time()
+        sampler = ClockSampler()
         try:
             result = fn(self)
             status = "ok"
         except Exception as exc:  # fail soft: report and go on
             result, status = traceback.format_exc(limit=4), f"failed: {exc!r}"[:400]
             self.md += [f"**Failed:** `{status}`", "", "```", result, "```", ""]
+        clocks = sampler.stop()
+        if clocks:
+            self.md += [f"SM clock during this part (nvidia-smi, MHz): min {clocks['min']}, "
+                        f"median {clocks['median']}, max {clocks['max']} "
+                        f"({clocks['samples']} samples).", ""]
         self.data["sections"][name] = {"status": status, "seconds": round(time.time() - t0, 1),
-                                       "result": result}
-        self.log(f"{name}: {status} ({time.time() - t0:.1f} s)")
+                                       "sm_clock_mhz": clocks, "result": result}
+        self.log(f"{name}: {status} ({time.time() - t0:.1f} s; SM clock {clocks})")
 
     def write(self) -> None:
         os.makedirs(self.out_dir, exist_ok=True)
@@ -82,6 +93,29 @@ class Report:
         with open(os.path.join(self.out_dir, "gpu_check.md"), "w") as f:
             f.write("\n".join(self.md + [f"Wall time: {self.data['wall_s']} s", ""]))
         self.log(f"wrote {self.out_dir}/gpu_check.md and gpu_check.json")
+
+
+class ClockSampler:
+    """nvidia-smi reading the SM clock every 200 ms while a part runs."""
+
+    def __init__(self):
+        try:
+            self.proc = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=clocks.sm", "--format=csv,noheader,nounits",
+                 "-lms", "200"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        except OSError:
+            self.proc = None
+
+    def stop(self):
+        if self.proc is None:
+            return None
+        self.proc.terminate()
+        out, _ = self.proc.communicate()
+        values = [int(v) for v in out.split() if v.strip().isdigit()]
+        if not values:
+            return None
+        return {"min": min(values), "median": int(statistics.median(values)),
+                "max": max(values), "samples": len(values)}
 
 
 def _run(cmd, timeout=60):
@@ -149,9 +183,27 @@ def _has_timeout() -> bool:
     return importlib.util.find_spec("pytest_timeout") is not None
 
 
+def warm_up(report: Report):
+    """Two seconds of large GEMMs, so that the benchmarks start at the clocks a busy card runs."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    end, n = time.time() + 2.0, 0
+    while time.time() < end:
+        a @ a
+        n += 1
+        if n % 10 == 0:
+            torch.cuda.synchronize()
+    torch.cuda.synchronize()
+    return {"gemms": n}
+
+
 def _time_ms(fn, min_ms=60.0, max_reps=200):
-    """Median over repetitions of fn's CUDA-event time, after one warm-up call (compiles)."""
+    """Median over repetitions of fn's CUDA-event time, after warm-up calls (the first
+    compiles) for at least 20 ms."""
     fn()
+    torch.cuda.synchronize()
+    end = time.time() + 0.02
+    while time.time() < end:
+        fn()
     torch.cuda.synchronize()
     times = []
     start_all = time.time()
@@ -276,11 +328,60 @@ def bench_step_latency(report: Report):
     return rows
 
 
+SANITIZED = """
+import torch
+from fusedrnn.backend import cuda
+from fusedrnn.cells import CELLS
+from fusedrnn.backend.base import LayerArgs
+for cell in ("lstm", "gru"):
+    c = CELLS[cell]
+    sizes = torch.tensor([6, 6, 5, 3, 2])
+    H, B, rows = 96, 6, 22
+    g = lambda *s: (0.3 * torch.randn(*s, device="cuda")).requires_grad_()
+    args = LayerArgs(c, sizes, g(B, H), g(B, H) if c.has_cell_state else None, None,
+                     g(c.gates * H, H), None, g(c.gates * H), None, cell == "gru")
+    y, h, cc = cuda.PERSISTENT.sequence(g(rows, c.gates * H), args)
+    (y.sum() + h.sum()).backward()
+torch.cuda.synchronize()
+print("sanitized run done")
+"""
+
+
+def sanitizer(report: Report):
+    """compute-sanitizer racecheck and memcheck over one persistent LSTM and GRU forward and
+    backward (hidden 96 over several blocks, a packed batch, the GRU reversed)."""
+    out = {}
+    for tool in ("racecheck", "memcheck"):
+        cmd = ["compute-sanitizer", f"--tool={tool}", "--kernel-name",
+               "regex:persistent", sys.executable, "-c", SANITIZED]
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+            text = proc.stdout + proc.stderr
+            summary = [l for l in text.splitlines() if "ERROR SUMMARY" in l or "RACECHECK" in l]
+            out[tool] = {"exit": proc.returncode, "summary": summary[-3:], "tail": text[-1500:]}
+        except Exception as exc:  # not installed, timed out: say so
+            out[tool] = {"error": repr(exc)}
+        report.md += [f"- `{tool}`: {out[tool].get('summary', out[tool].get('error'))} "
+                      f"(exit {out[tool].get('exit')})"]
+        report.log(f"  {tool}: {out[tool].get('summary', out[tool].get('error'))}")
+    report.md.append("")
+    return out
+
+
+PARTS = {"machine": ("Machine", machine), "build": ("Build", build), "tests": ("Tests", tests),
+         "warmup": ("GEMM warm-up", warm_up), "flashrnn": ("FlashRNN setting", bench_flashrnn),
+         "seed": ("Seed shapes", bench_seed_shapes),
+         "latency": ("Per-step latency", bench_step_latency),
+         "sanitizer": ("compute-sanitizer", sanitizer)}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--budget", type=float, default=360.0,
                         help="seconds; parts left after it are reported as skipped")
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help=f"which parts, in order (default all: {','.join(PARTS)})")
     args = parser.parse_args(argv)
     report = Report(args.out, args.budget)
     if not torch.cuda.is_available():
@@ -290,10 +391,8 @@ def main(argv=None) -> int:
         report.data["status"] = "no CUDA device"
         report.write()
         return 0
-    for name, fn in (("Machine", machine), ("Build", build), ("Tests", tests),
-                     ("FlashRNN setting", bench_flashrnn), ("Seed shapes", bench_seed_shapes),
-                     ("Per-step latency", bench_step_latency)):
-        report.section(name, fn)
+    for part in args.parts.split(","):
+        report.section(*PARTS[part])
         report.write()  # after each part: a killed run still leaves what it had
     return 0
 

@@ -27,6 +27,14 @@ def _traits(cell) -> Tuple[int, ...]:
             cell.saved_per_h)
 
 
+def _library() -> lib.Library:
+    """The loaded kernel library, or RuntimeError saying why there is none."""
+    library, why = lib.load()
+    if library is None:
+        raise RuntimeError(f"fusedrnn CUDA kernels unavailable: {why}")
+    return library
+
+
 class _CudaKernels:
     """Availability and limits shared by both CUDA paths."""
 
@@ -39,7 +47,7 @@ class _CudaKernels:
         return lib.load()[1]
 
     def unsupported_reason(self, spec):
-        library = lib.load()[0]
+        library = _library()
         emulated = library.mode == "emulated"
         device = "cpu" if emulated else "cuda"
         if spec.device.type != device:
@@ -63,7 +71,7 @@ class PointwiseBackend(_CudaKernels, loops.PerStepBackend):
     def _launch(self, kernel, cell, n, hidden, like, **tensors):
         block = self.threads()
         args = lib.make_args(hidden=hidden, n=n, **tensors)
-        lib.load()[0].launch(kernel, cell.name, like.dtype, args, like.device,
+        _library().launch(kernel, cell.name, like.dtype, args, like.device,
                              _cdiv(n * hidden, block), block)
 
     def step_forward(self, cell, n, hidden, xg, hg, h, c, out, c_save, write_h, save):
@@ -87,7 +95,7 @@ class PersistentBackend(_CudaKernels, loops.PersistentBackend):
         """(units per block, blocks) with every block resident for both passes, or a reason
         string. Units start at hidden / (blocks resident at one unit) and grow until the
         grid the occupancy API allows covers the hidden size."""
-        library = lib.load()[0]
+        library = _library()
         threads, units = self.threads(), 1
         while units <= hidden:
             fits = []
@@ -117,7 +125,7 @@ class PersistentBackend(_CudaKernels, loops.PersistentBackend):
         return plan if isinstance(plan, str) else None
 
     def _run(self, kernel, cell, xp, batch, steps, reverse, **tensors):
-        library = lib.load()[0]
+        library = _library()
         hidden = xp.shape[1] // cell.gates
         device = xp.device.index or 0 if xp.is_cuda else 0
         units, blocks = self.plan(cell.name, xp.dtype, hidden, device)
