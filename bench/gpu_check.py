@@ -11,7 +11,7 @@ Runs in the repository root with torch, Triton and nvcc preinstalled and no netw
 4. benchmarks, forward and forward+backward, torch.nn (cuDNN) time / ours (> 1: we are faster):
    FlashRNN's setting (B=16, T=1024, H=768; fp32 and bf16) and the seed shapes (fp32);
 5. per-step latency against the hidden size (LSTM, B=16, T=256, fp32 and bf16);
-6. compute-sanitizer's racecheck and memcheck on a persistent forward and backward.
+6. compute-sanitizer's racecheck, memcheck and synccheck on a persistent forward and backward.
 
 Each timed part records the SM clock nvidia-smi reads during it (the card's clocks are left
 as they are found; a GEMM warm-up runs before the benchmarks).
@@ -348,12 +348,13 @@ print("sanitized run done")
 
 
 def sanitizer(report: Report):
-    """compute-sanitizer racecheck and memcheck over one persistent LSTM and GRU forward and
-    backward (hidden 96 over several blocks, a packed batch, the GRU reversed)."""
+    """compute-sanitizer's racecheck (shared-memory hazards), memcheck (out-of-bounds and
+    misaligned accesses) and synccheck (barrier misuse) over one persistent LSTM and GRU
+    forward and backward (hidden 96 over several blocks, a packed batch, the GRU reversed)."""
     out = {}
-    for tool in ("racecheck", "memcheck"):
-        cmd = ["compute-sanitizer", f"--tool={tool}", "--kernel-name",
-               "regex:persistent", sys.executable, "-c", SANITIZED]
+    for tool in ("racecheck", "memcheck", "synccheck"):
+        cmd = ["compute-sanitizer", f"--tool={tool}", "--kernel-name", "kns=persistent",
+               sys.executable, "-c", SANITIZED]
         try:
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
             text = proc.stdout + proc.stderr
