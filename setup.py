@@ -1,9 +1,12 @@
-"""Builds the optional C++ extension ``fusedrnn._C`` from csrc/cpu against the installed torch.
+"""Builds the optional C++ extension ``fusedrnn._C`` from csrc/cpu against the installed torch,
+and, where torch has CUDA and nvcc is present, the CUDA kernel library (csrc/cuda).
 
 Without a working compiler the build is skipped with a warning; the package still imports
-and ``fusedrnn.backends()`` reports the extension as missing.
+and ``fusedrnn.backends()`` reports the extension as missing. The CUDA library is otherwise
+built on first use (fusedrnn/backend/cuda_library.py); a CPU-only install builds nothing more.
 """
 import glob
+import importlib.util
 import os
 import sys
 
@@ -22,12 +25,33 @@ def _arch_flags():
     """
     return os.environ.get("FUSEDRNN_ARCH_FLAGS", "-march=native -mprefer-vector-width=512").split()
 
+def _build_cuda_kernels():
+    """nvcc-builds csrc/cuda/library.cu (sm_80, sm_90) into fusedrnn's kernel cache now, when
+    torch has CUDA and nvcc is found; never fails the install."""
+    import torch
+    if torch.version.cuda is None:
+        return
+    here = os.path.dirname(os.path.abspath(__file__))
+    spec = importlib.util.spec_from_file_location(
+        "cuda_library", os.path.join(here, "fusedrnn", "backend", "cuda_library.py"))
+    library = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(library)
+        print(f"fusedrnn: built the CUDA kernels: {library.build(emulate=False)}", file=sys.stderr)
+    except Exception as exc:  # no nvcc, a toolchain error: built on first use, or unavailable
+        print(f"fusedrnn: the CUDA kernels were not built now ({exc})", file=sys.stderr)
+
+
 try:
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 except ImportError:  # torch not importable at build time: pure-Python install
     print("fusedrnn: torch not found at build time, skipping the C++ extension", file=sys.stderr)
 else:
     class OptionalBuildExtension(BuildExtension):
+        def run(self):
+            super().run()
+            _build_cuda_kernels()
+
         def build_extension(self, ext):
             try:
                 super().build_extension(ext)

@@ -1,8 +1,8 @@
-"""GPU section: Triton persistent / alternating vs cuDNN, forward and forward+backward.
+"""GPU section: the Triton and CUDA C++ paths vs cuDNN, forward and forward+backward.
 
 Run on a CUDA machine: ``python -m pytest bench/test_bench_gpu.py -s``. Each case prints
-the median times of ``triton.testing.do_bench`` and the ratios cuDNN time / Triton time
-(> 1: Triton faster), measured in the same process. A path that cannot run a shape (the
+the median times of ``triton.testing.do_bench`` and the ratios cuDNN time / our time
+(> 1: ours faster), measured in the same process. A path that cannot run a shape (the
 persistent kernel beyond its on-chip budget) is reported as such, not timed.
 Shapes: the seed experiments' (T, B, I, H, layers) and FlashRNN's setting (B=16, T=1024,
 hidden 768).
@@ -20,7 +20,7 @@ import fusedrnn  # noqa: E402
 from shapes import SEED_SHAPES  # noqa: E402
 
 SHAPES = {**SEED_SHAPES, "flashrnn": (1024, 16, 768, 768, 1)}  # FlashRNN's public setting
-PATHS = ["triton:persistent", "triton:alternating"]
+PATHS = ["triton:persistent", "triton:alternating", "cuda:persistent", "cuda:pointwise"]
 
 
 def _time(model, x, backward):

@@ -10,6 +10,10 @@ Where things are (``dispatch._REGISTRY`` is the one list of backends, ``cells.CE
   and traits; cell math in csrc/cells/*.h), csrc/cpu/buffer_cache.h (the loops' buffers)
 - backend/triton.py -> kernels/pointwise.py, kernels/persistent.py (generic kernels;
   kernels/cells.py: cell math)
+- backend/cuda.py -> csrc/cuda/kernels.h (CUDA C++ kernels over csrc/cells; built and called by
+  backend/cuda_library.py; csrc/cuda/emulate runs them on CPU threads for tests)
+- backend/loops.py: the per-step and persistent loops and the autograd Function that the
+  Triton and CUDA backends share
 - backend/transforms.py: derivatives the fused backwards do not give (higher order, torch.func)
 """
 from .dispatch import BackendUnavailableError, backends

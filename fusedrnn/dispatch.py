@@ -23,15 +23,23 @@ _REGISTRY: Dict[str, Backend] = {
 }
 
 # What "auto" tries, best first, per device type. It always ends in "reference".
+# CUDA: measured on an H200 (bench/gpu/gpu_check.md, fp32, fwd and fwd+bwd). Where the Triton
+# persistent kernel fits (hidden <= 64 for an LSTM) it was the fastest of ours in 7 of the 8
+# (shape, cell, pass) cases; elsewhere the CUDA persistent kernel was, except at the widest
+# batch (copy: B 128, H 500), where the per-step path was 1.3-2.1x faster in 3 of 4 cases.
+# torch.nn (cuDNN) itself was faster than all of them at the seed shapes but ptb.
 _AUTO_ORDER: Dict[str, List[str]] = {
     "cpu": ["cpu", "reference"],
-    "cuda": ["triton:persistent", "triton:alternating", "reference"],
+    "cuda": ["triton:persistent", "cuda:persistent", "cuda:pointwise", "triton:alternating",
+             "reference"],
 }
 
 # Names that stand for a list of concrete backends, tried in order.
 _ALIASES: Dict[str, List[str]] = {
     # persistent where W_hh fits on chip, else the per-step path (the fallback is logged)
     "triton": ["triton:persistent", "triton:alternating"],
+    # persistent where every block's W_hh slice fits on chip, else the per-step path
+    "cuda": ["cuda:persistent", "cuda:pointwise"],
 }
 
 # (requested name, spec) -> the backend chosen: each layer configuration is resolved once

@@ -14,6 +14,28 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+def runs_on_cpu_tensors(name):
+    """Whether backend ``name`` runs on CPU tensors here: built and available, and for the GPU
+    kernel families, in their CPU mode (Triton's interpreter, the CUDA emulation)."""
+    import fusedrnn
+    if fusedrnn.backends()[name] != "available":
+        return False
+    if name.startswith("triton"):
+        return os.environ.get("TRITON_INTERPRET") == "1"
+    if name.startswith("cuda"):
+        return os.environ.get("FUSEDRNN_CUDA_EMULATE") == "1"
+    return True
+
+
+def takes_proj_size(name, dtype=None):
+    """Whether backend ``name`` runs an LSTM with ``proj_size`` (the persistent kernels do not)."""
+    from fusedrnn import dispatch
+    from fusedrnn.backend.base import LayerSpec
+    from fusedrnn.cells import CELLS
+    spec = LayerSpec(torch.device("cpu"), dtype or torch.float32, CELLS["lstm"], 4, 2)
+    return dispatch.reason(name, spec) is None
+
+
 def tolerances(dtype):
     """(rtol, atol) that fit a dtype when comparing two correct implementations."""
     return {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-5),

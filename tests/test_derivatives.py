@@ -5,7 +5,6 @@ The kernel backends give plain first derivatives from their fused backward and e
 else from the reference math (fusedrnn/backend/transforms.py). These tests would see zeros,
 ``None`` or a missing ``grad_fn`` where that path was missing.
 """
-import os
 
 import pytest
 import torch
@@ -13,24 +12,23 @@ import torch.nn as nn
 from torch.func import functional_call
 
 import fusedrnn
-from conftest import assert_close
+from conftest import assert_close, runs_on_cpu_tensors, takes_proj_size
 
 MODULES = {"lstm": (nn.LSTM, fusedrnn.LSTM, {"proj_size": 2}), "gru": (nn.GRU, fusedrnn.GRU, {}),
            "rnn_tanh": (nn.RNN, fusedrnn.RNN, {"nonlinearity": "tanh"}),
            "rnn_relu": (nn.RNN, fusedrnn.RNN, {"nonlinearity": "relu"})}
 
 
-def _available(name):
-    ok = fusedrnn.backends()[name] == "available"
-    return ok and (not name.startswith("triton") or os.environ.get("TRITON_INTERPRET") == "1")
 
 
-# The kernel backends in the dtype they are checked in: the Triton kernels have no float64.
+# The kernel backends in the dtype they are checked in: the Triton kernels have no float64;
+# the CUDA ones run emulated on CPU threads (FUSEDRNN_CUDA_EMULATE=1).
 BACKENDS = [pytest.param(name, dtype, id=name, marks=pytest.mark.skipif(
-    not _available(name), reason=f"{name} unavailable"))
+    not runs_on_cpu_tensors(name), reason=f"{name} unavailable"))
     for name, dtype in [("reference", torch.float64), ("cpu", torch.float64),
                         ("triton:persistent", torch.float32),
-                        ("triton:alternating", torch.float32)]]
+                        ("triton:alternating", torch.float32),
+                        ("cuda:persistent", torch.float64), ("cuda:pointwise", torch.float64)]]
 # gradgradcheck settings per dtype: float64 at its defaults; fp32 with a larger step and a
 # tolerance for its rounding (a zero or missing second derivative is off by O(1), not 1e-2)
 GRADCHECK = {torch.float64: {}, torch.float32: dict(eps=1e-2, atol=2e-2, rtol=2e-2)}
@@ -38,8 +36,8 @@ GRADCHECK = {torch.float64: {}, torch.float32: dict(eps=1e-2, atol=2e-2, rtol=2e
 
 def make_pair(cell, dtype, backend, **extra):
     torch_cls, fused_cls, kw = MODULES[cell]
-    if backend == "triton:persistent":
-        kw = {k: v for k, v in kw.items() if k != "proj_size"}  # the persistent kernel has none
+    if not takes_proj_size(backend, dtype):
+        kw = {k: v for k, v in kw.items() if k != "proj_size"}  # the persistent kernels
     kw = dict(kw, **extra)
     ref = torch_cls(3, 4, **kw).to(dtype)
     fused = fused_cls(3, 4, backend=backend, **kw).to(dtype)
@@ -57,11 +55,12 @@ def flat_outputs(module, x, *states):
 @pytest.mark.parametrize("backend,dtype", BACKENDS)
 def test_gradgradcheck(rng, backend, dtype, cell):
     """Second derivatives in the input, the initial states and every parameter of a
-    bidirectional layer (float64). The fp32 Triton runs check a one-direction layer in its
-    input and states only: every forward of the numerical differentiation runs in the
-    interpreter."""
-    small = dtype != torch.float64
-    if small and cell == "rnn_relu":
+    bidirectional layer (float64). The Triton runs (fp32) and the CUDA ones (float64) check a
+    one-direction layer in its input and states only: every forward of the numerical
+    differentiation runs in Triton's interpreter or the CUDA emulation (a bidirectional
+    persistent LSTM took 90 s)."""
+    small = backend.startswith(("triton", "cuda"))
+    if dtype != torch.float64 and cell == "rnn_relu":
         pytest.skip("relu's second derivative is 0 wherever it exists, and an fp32 finite "
                     "difference (eps 1e-2) straddles its kink: checked in float64 on the C++ "
                     "and reference backends, and by the gradient-penalty test here")
@@ -124,7 +123,7 @@ def test_create_graph_gradient_equals_the_fused_one(rng, backend, dtype):
 @pytest.mark.parametrize("backend", ["auto", "cpu", "convert"])
 def test_pytorch_rnn_grad_and_gradgrad(mode, backend):
     """test_LSTM_grad_and_gradgrad / test_GRU_grad_and_gradgrad (test_nn.py)."""
-    if backend == "cpu" and not _available("cpu"):
+    if backend == "cpu" and not runs_on_cpu_tensors("cpu"):
         pytest.skip("cpu unavailable")
     hsize = 4
     inp = torch.rand(1, 3, hsize, dtype=torch.float64, requires_grad=True)

@@ -19,6 +19,7 @@ import torch.nn as nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fusedrnn
+from conftest import runs_on_cpu_tensors, takes_proj_size
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -27,15 +28,15 @@ from hypothesis import strategies as st  # noqa: E402
 EXAMPLES = int(os.environ.get("FUSEDRNN_FUZZ_EXAMPLES", "40"))
 
 
-def _available(name):
-    ok = fusedrnn.backends()[name] == "available"
-    return ok and (not name.startswith("triton") or os.environ.get("TRITON_INTERPRET") == "1")
 
 
-# (backend, dtype, examples): the Triton kernels have no float64 and run in the interpreter
+# (backend, dtype, examples): the Triton kernels have no float64 and run in the interpreter;
+# the CUDA ones run emulated (each launch starts OS threads)
 BACKENDS = [("reference", torch.float64, EXAMPLES), ("cpu", torch.float64, EXAMPLES),
             ("triton:persistent", torch.float32, max(1, EXAMPLES // 4)),
-            ("triton:alternating", torch.float32, max(1, EXAMPLES // 4))]
+            ("triton:alternating", torch.float32, max(1, EXAMPLES // 4)),
+            ("cuda:persistent", torch.float64, max(1, EXAMPLES // 4)),
+            ("cuda:pointwise", torch.float64, max(1, EXAMPLES // 4))]
 
 MODULE_KINDS = ["LSTM", "GRU", "RNN_TANH", "RNN_RELU"]
 CELL_KINDS = ["LSTMCell", "GRUCell", "RNNCell_TANH", "RNNCell_RELU"]
@@ -283,12 +284,12 @@ def _compare(kind, backend, dtype, cfg, fault, seed):
 
 
 def _configs(kinds, faults, backend):
-    persistent = backend == "triton:persistent"  # no proj_size there
+    no_proj = not takes_proj_size(backend)  # the persistent kernels
     return st.fixed_dictionaries(dict(
         kind=st.sampled_from(kinds), fault=st.sampled_from(faults),
         input=st.integers(1, 4), hidden=st.integers(1, 5), layers=st.integers(1, 3),
         bias=st.booleans(), batch_first=st.booleans(), bidirectional=st.booleans(),
-        proj=st.just(0) if persistent else st.sampled_from([0, 0, 1, 2]),
+        proj=st.just(0) if no_proj else st.sampled_from([0, 0, 1, 2]),
         dropout=st.sampled_from([0.0, 0.0, 0.3]), train=st.booleans(),
         form=st.sampled_from(["padded", "unbatched", "packed_sorted", "packed_unsorted"]),
         steps=st.integers(1, 5), batch=st.integers(1, 4), given_state=st.booleans(),
@@ -312,14 +313,14 @@ def _fuzz(backend, dtype, examples, kinds, faults):
 
 
 @pytest.mark.parametrize("backend,dtype,examples", [
-    pytest.param(*b, id=b[0], marks=pytest.mark.skipif(not _available(b[0]), reason="unavailable"))
+    pytest.param(*b, id=b[0], marks=pytest.mark.skipif(not runs_on_cpu_tensors(b[0]), reason="unavailable"))
     for b in BACKENDS])
 def test_fuzz_modules_against_torch_nn(backend, dtype, examples):
     _fuzz(backend, dtype, examples, MODULE_KINDS, MODULE_FAULTS)
 
 
 @pytest.mark.parametrize("backend,dtype,examples", [
-    pytest.param(*b, id=b[0], marks=pytest.mark.skipif(not _available(b[0]), reason="unavailable"))
+    pytest.param(*b, id=b[0], marks=pytest.mark.skipif(not runs_on_cpu_tensors(b[0]), reason="unavailable"))
     for b in BACKENDS])
 def test_fuzz_cells_against_torch_nn(backend, dtype, examples):
     _fuzz(backend, dtype, examples, CELL_KINDS, CELL_FAULTS)

@@ -4,7 +4,6 @@ PackedSequence is a plain named tuple: nothing stops a caller from building one 
 do not fit its rows. The modules check the counts once (``modules._step_counts``), so no
 backend, the Triton kernels included, ever indexes past a buffer.
 """
-import os
 
 import pytest
 import torch
@@ -12,16 +11,15 @@ import torch.nn as nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fusedrnn
-from conftest import assert_close
+from conftest import assert_close, runs_on_cpu_tensors
 
 
-def _available(name):
-    ok = fusedrnn.backends()[name] == "available"
-    return ok and (not name.startswith("triton") or os.environ.get("TRITON_INTERPRET") == "1")
 
 
-BACKENDS = [pytest.param(n, marks=pytest.mark.skipif(not _available(n), reason=f"{n} unavailable"))
-            for n in ("reference", "cpu", "triton:persistent", "triton:alternating")]
+BACKENDS = [pytest.param(n, marks=pytest.mark.skipif(not runs_on_cpu_tensors(n),
+                                                     reason=f"{n} unavailable"))
+            for n in ("reference", "cpu", "triton:persistent", "triton:alternating",
+                      "cuda:persistent", "cuda:pointwise")]
 MODES = ["LSTM", "GRU", "RNN"]
 
 X = torch.randn(7, 3)

@@ -8,9 +8,11 @@ checked on its own, and a persistent run under ThreadSanitizer is race-free whil
 deliberately dropped grid barrier is caught. The nvcc checks compile every kernel for sm_80
 and sm_90 and hold registers, spills, stack and shared memory to the limits.
 """
+import json
 import os
 import re
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -236,3 +238,29 @@ def test_persistent_shared_fits_at_flashrnn_sizes(arch):
                     if dtype == torch.float64 and shared > limit:
                         continue  # float64 at these sizes: refused on chip, falls back
                     assert shared <= limit, (arch, hidden, cell, dtype, kernel, shared)
+
+
+@emulated
+def test_persistent_refuses_what_does_not_fit_and_cuda_falls_back(sms, rng):
+    """With one block resident, W_hh's slice is the whole matrix: at hidden 200 in float64 an
+    LSTM's is 1.25 MiB, over the 227 KB a block may have, so the persistent kernel refuses it,
+    saying why, and the ``cuda`` alias runs it on the per-step kernels."""
+    sms(1)
+    spec = LayerSpec(torch.device("cpu"), torch.float64, CELLS["lstm"], 200)
+    assert "shared memory" in dispatch.reason("cuda:persistent", spec)
+    dispatch.forget_choices()
+    try:
+        assert dispatch.select("cuda", spec).name == "cuda:pointwise"
+    finally:
+        dispatch.forget_choices()
+
+
+def test_gpu_check_without_a_device(tmp_path):
+    """bench/gpu_check.py on a machine without CUDA: exit 0 and a report that says so."""
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_check.py"),
+                             "--out", str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "No CUDA device" in (tmp_path / "gpu_check.md").read_text()
+    assert json.loads((tmp_path / "gpu_check.json").read_text())["status"] == "no CUDA device"

@@ -4,32 +4,30 @@
 NaN and an infinity the same infinity; the finite values are compared at the dtype's
 tolerance. Each case puts one non-finite value into the input or the initial state.
 """
-import os
 
 import pytest
 import torch
 import torch.nn as nn
 
 import fusedrnn
-from conftest import tolerances
+from conftest import runs_on_cpu_tensors, tolerances
 
 CELLS = {"lstm": (nn.LSTM, fusedrnn.LSTM, {}), "gru": (nn.GRU, fusedrnn.GRU, {}),
          "rnn_tanh": (nn.RNN, fusedrnn.RNN, {"nonlinearity": "tanh"}),
          "rnn_relu": (nn.RNN, fusedrnn.RNN, {"nonlinearity": "relu"})}
 
 
-def _available(name):
-    if name.startswith("triton"):
-        return fusedrnn.backends()[name] == "available" and os.environ.get("TRITON_INTERPRET") == "1"
-    return fusedrnn.backends()[name] == "available"
 
 
 # (backend, dtype): the C++ kernels in both of their dtypes, the Triton ones in fp32.
 BACKENDS = [pytest.param(name, dtype, id=f"{name}-{str(dtype)[6:]}",
-                         marks=pytest.mark.skipif(not _available(name), reason=f"{name} unavailable"))
+                         marks=pytest.mark.skipif(not runs_on_cpu_tensors(name),
+                                                  reason=f"{name} unavailable"))
             for name, dtype in [("reference", torch.float64), ("cpu", torch.float64),
                                 ("cpu", torch.float32), ("triton:persistent", torch.float32),
-                                ("triton:alternating", torch.float32)]]
+                                ("triton:alternating", torch.float32),
+                                ("cuda:persistent", torch.float64),
+                                ("cuda:pointwise", torch.float64)]]
 VALUES = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
 
 
