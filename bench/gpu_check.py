@@ -161,9 +161,8 @@ def tests(report: Report):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     remaining = max(30, int(report.deadline - time.time() - 150))  # leave time for benches
     cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider",
-           "tests/test_gpu.py", f"--timeout={remaining}"] if _has_timeout() else \
-          [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider",
-           "tests/test_gpu.py"]
+           "tests/test_gpu.py", *(["-k", report.tests_k] if report.tests_k else []),
+           *([f"--timeout={remaining}"] if _has_timeout() else [])]
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=remaining)
@@ -383,8 +382,11 @@ def main(argv=None) -> int:
                         help="seconds; parts left after it are reported as skipped")
     parser.add_argument("--parts", default=",".join(PARTS),
                         help=f"which parts, in order (default all: {','.join(PARTS)})")
+    parser.add_argument("--tests-k", default="", help="pytest -k expression for the tests part")
     args = parser.parse_args(argv)
     report = Report(args.out, args.budget)
+    report.tests_k = args.tests_k
+    report.data["threads_per_block"] = os.environ.get("FUSEDRNN_CUDA_THREADS", "256")
     if not torch.cuda.is_available():
         report.log("no CUDA device: nothing to check here")
         report.md += ["No CUDA device on this machine (torch.cuda.is_available() is False): "

@@ -41,10 +41,10 @@ def sms(monkeypatch):
     """Sets how many blocks the emulated device holds at once (the persistent grid's limit)."""
     def set_sms(n):
         monkeypatch.setenv("FUSEDRNN_CUDA_EMULATE_SMS", str(n))
-        cuda.PERSISTENT.plan.cache_clear()
+        cuda.PERSISTENT._plan.cache_clear()
     yield set_sms
     monkeypatch.delenv("FUSEDRNN_CUDA_EMULATE_SMS", raising=False)
-    cuda.PERSISTENT.plan.cache_clear()
+    cuda.PERSISTENT._plan.cache_clear()
 
 
 @emulated

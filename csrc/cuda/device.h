@@ -44,6 +44,17 @@ __device__ __forceinline__ A warp_sum(A v) {
   return v;
 }
 
+// Each value of v summed over the warp's 32 lanes, in every lane: the reductions are
+// interleaved, so their shuffles overlap instead of waiting on each other.
+template <int N, typename A>
+__device__ __forceinline__ void warp_sum_all(A (&v)[N]) {
+#pragma unroll
+  for (int m = kWarpSize / 2; m > 0; m /= 2) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) v[i] += __shfl_xor_sync(0xffffffffu, v[i], m);
+  }
+}
+
 // Storage type S -> the type A the math runs in, and back.
 template <typename S>
 struct Acc {

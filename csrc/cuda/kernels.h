@@ -128,6 +128,52 @@ __global__ void pointwise_backward(KernelArgs a) {
 
 // ---- persistent kernels ----
 
+// out(r, q) = sum_k x[r ldx + k] w[q K + k] for r < R, q < Q: the block's share of a step's
+// recurrent GEMM. A warp computes a tile of kTileR rows x kTileQ q's at once, its lanes over
+// k (coalesced, conflict-free), so the tile's FMA chains and reductions overlap and each
+// loaded value is used kTileR or kTileQ times; lane 0 hands each result to store(r, q, v).
+// Every lane of a warp runs the same iterations (warp_sum_all needs all 32).
+constexpr int kTileR = 2, kTileQ = 4;
+
+template <typename A, typename X, typename S, typename Store>
+__device__ __forceinline__ void warp_tiled_dots(const X* x, int64_t ldx, const S* w, int64_t K,
+                                                int64_t R, int64_t Q, const Store& store) {
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int warps = blockDim.x / kWarpSize;
+  const int64_t r_tiles = (R + kTileR - 1) / kTileR, q_tiles = (Q + kTileQ - 1) / kTileQ;
+  for (int64_t tile = warp; tile < r_tiles * q_tiles; tile += warps) {
+    const int64_t r0 = (tile / q_tiles) * kTileR, q0 = (tile % q_tiles) * kTileQ;
+    const X* xr[kTileR];
+    const S* wq[kTileQ];
+#pragma unroll
+    for (int i = 0; i < kTileR; ++i) xr[i] = x + (r0 + i < R ? r0 + i : R - 1) * ldx;  // clamped:
+#pragma unroll
+    for (int i = 0; i < kTileQ; ++i) wq[i] = w + (q0 + i < Q ? q0 + i : Q - 1) * K;  // no branch
+    A acc[kTileR * kTileQ];
+#pragma unroll
+    for (int i = 0; i < kTileR * kTileQ; ++i) acc[i] = A(0);
+    for (int64_t k = lane; k < K; k += kWarpSize) {
+      A xv[kTileR];
+#pragma unroll
+      for (int i = 0; i < kTileR; ++i) xv[i] = to_acc(xr[i][k]);
+#pragma unroll
+      for (int q = 0; q < kTileQ; ++q) {
+        const A wv = to_acc(wq[q][k]);
+#pragma unroll
+        for (int i = 0; i < kTileR; ++i) acc[i * kTileQ + q] += xv[i] * wv;
+      }
+    }
+    warp_sum_all(acc);
+    if (lane == 0) {
+#pragma unroll
+      for (int i = 0; i < kTileR; ++i)
+#pragma unroll
+        for (int q = 0; q < kTileQ; ++q)
+          if (r0 + i < R && q0 + q < Q) store(r0 + i, q0 + q, acc[i * kTileQ + q]);
+    }
+  }
+}
+
 // Step k of the loop visits step t; the step the state of step t comes from (-1: initial).
 __device__ __forceinline__ int64_t visited(const KernelArgs& a, int64_t k) {
   return a.reverse ? a.steps - 1 - k : k;
@@ -166,8 +212,6 @@ __global__ void persistent_forward(KernelArgs a) {
   const int64_t H = a.hidden, B = a.batch, U = a.units;
   const int64_t j0 = int64_t(blockIdx.x) * U;
   const int64_t Ub = (j0 + U <= H ? U : H - j0);  // this block's units (the last may have fewer)
-  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const int warps = blockDim.x / kWarpSize;
   S* w_s = dynamic_shared<S>();  // [G Ub][H]: row q = gate q / Ub, unit q % Ub
   A* hg_s = reinterpret_cast<A*>(reinterpret_cast<char*>(w_s) +
                                  (size_t(G) * U * H * sizeof(S) + 15) / 16 * 16);  // [chunk][G Ub]
@@ -193,15 +237,9 @@ __global__ void persistent_forward(KernelArgs a) {
     A* h_out = h_buf + (1 - cur) * B * H;
     for (int64_t r0 = 0; r0 < n; r0 += kRowChunk) {
       const int64_t rn = (n - r0 < kRowChunk ? n - r0 : kRowChunk);
-      // recurrent pre-activations of this block's units: one warp per (row, gate unit)
-      for (int64_t p = warp; p < rn * G * Ub; p += warps) {
-        const int64_t r = r0 + p / (G * Ub), q = p % (G * Ub);
-        A acc = A(0);
-        for (int64_t kk = lane; kk < H; kk += kWarpSize)
-          acc += to_acc(w_s[q * H + kk]) * h_in[r * H + kk];
-        acc = warp_sum(acc);
-        if (lane == 0) hg_s[p] = acc;
-      }
+      // recurrent pre-activations of this block's units for the chunk's rows
+      warp_tiled_dots<A>(h_in + r0 * H, H, w_s, H, rn, G * Ub,
+                         [&](int64_t r, int64_t q, A v) { hg_s[r * G * Ub + q] = v; });
       __syncthreads();
       for (int64_t i = threadIdx.x; i < rn * Ub; i += blockDim.x) {
         const int64_t r = r0 + i / Ub, u = i % Ub, j = j0 + u, e = r * H + j, row = off + r;
@@ -266,8 +304,6 @@ __global__ void persistent_backward(KernelArgs a) {
   const int64_t H = a.hidden, B = a.batch, U = a.units, GH = G * H;
   const int64_t j0 = int64_t(blockIdx.x) * U;
   const int64_t Ub = (j0 + U <= H ? U : H - j0);
-  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const int warps = blockDim.x / kWarpSize;
   S* wt_s = dynamic_shared<S>();  // [Ub][G H]: wt_s[u][q] = W_hh[q][j0 + u]
   const S* w_hh = static_cast<const S*>(a.w_hh);
   for (int64_t i = threadIdx.x; i < Ub * GH; i += blockDim.x)
@@ -319,14 +355,9 @@ __global__ void persistent_backward(KernelArgs a) {
       if (Cell::kCellState) dc[e] = dcv;
     }
     grid_sync();  // every block's d(hg) rows of this step are written
-    // dh_prev[r, j] += sum_q dg[r, q] W_hh[q, j] for this block's units: a warp per (row, unit)
-    for (int64_t pr = warp; pr < n * Ub; pr += warps) {
-      const int64_t r = pr / Ub, u = pr % Ub;
-      A acc = A(0);
-      for (int64_t q = lane; q < GH; q += kWarpSize) acc += dg[r * GH + q] * to_acc(wt_s[u * GH + q]);
-      acc = warp_sum(acc);
-      if (lane == 0) dh[r * H + j0 + u] += acc;
-    }
+    // dh_prev[r, j] += sum_q dg[r, q] W_hh[q, j] for this block's units
+    warp_tiled_dots<A>(dg, GH, wt_s, GH, n, Ub,
+                       [&](int64_t r, int64_t u, A v) { dh[r * H + j0 + u] += v; });
     __syncthreads();  // this block's dh complete before its threads read it at the next step
   }
   for (int64_t i = threadIdx.x; i < B * Ub; i += blockDim.x) {

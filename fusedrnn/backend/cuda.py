@@ -10,6 +10,7 @@ csrc/cuda/emulate/emulate.h on CPU threads (float32 and float64; fp16/bf16 are G
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -40,8 +41,11 @@ class _CudaKernels:
 
     @staticmethod
     def threads() -> int:
-        """Threads per block: 256 on a GPU; 64 emulated (each is an OS thread there)."""
-        return 64 if lib.emulating() else 256
+        """Threads per block: 256 on a GPU (FUSEDRNN_CUDA_THREADS overrides it, a multiple of
+        32, for measurements); 64 emulated (each is an OS thread there)."""
+        if lib.emulating():
+            return 64
+        return int(os.environ.get("FUSEDRNN_CUDA_THREADS", "256"))
 
     def unavailable_reason(self) -> Optional[str]:
         return lib.load()[1]
@@ -90,13 +94,16 @@ class PointwiseBackend(_CudaKernels, loops.PerStepBackend):
 class PersistentBackend(_CudaKernels, loops.PersistentBackend):
     name = "cuda:persistent"
 
-    @functools.lru_cache(maxsize=None)
     def plan(self, cell_name: str, dtype: torch.dtype, hidden: int, device: int = 0):
         """(units per block, blocks) with every block resident for both passes, or a reason
         string. Units start at hidden / (blocks resident at one unit) and grow until the
         grid the occupancy API allows covers the hidden size."""
+        return self._plan(cell_name, dtype, hidden, device, self.threads())
+
+    @functools.lru_cache(maxsize=None)
+    def _plan(self, cell_name, dtype, hidden, device, threads):
         library = _library()
-        threads, units = self.threads(), 1
+        units = 1
         while units <= hidden:
             fits = []
             for kernel in (lib.PERSISTENT_FORWARD, lib.PERSISTENT_BACKWARD):
