@@ -67,11 +67,12 @@ def test_padded_no_bias_one_step(path, cell, rng):
 
 
 @emulated
-@pytest.mark.parametrize("blocks,hidden", [(1, 12), (3, 10), (7, 20), (6, 6)])
+@pytest.mark.parametrize("blocks,hidden", [(1, 48), (3, 10), (7, 20), (6, 6)])
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_persistent_block_splits(sms, blocks, hidden, cell, rng):
-    """One block holding every unit; uneven splits (the last block has fewer units); one unit
-    per block; 40 rows, so a step runs in three 16-row rounds."""
+    """One block holding every unit (48: its pre-activations take 16 KiB per 16 rows in
+    float64, so the 40 rows of a step run in three rounds); uneven splits (the last block has
+    fewer units); one unit per block."""
     sms(blocks)
     units, grid = cuda.PERSISTENT.plan(cell, torch.float64, hidden)
     assert grid <= blocks and units * grid >= hidden > units * (grid - 1)

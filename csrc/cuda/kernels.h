@@ -183,17 +183,28 @@ __device__ __forceinline__ int64_t previous(const KernelArgs& a, int64_t t) {
   return (p >= 0 && p < a.steps) ? p : -1;
 }
 
-// Rows of a step the forward computes per round: its pre-activations [kRowChunk, G U] sit in
-// shared memory, so the shared size does not grow with the batch.
-constexpr int64_t kRowChunk = 16;
+// Rows of a step the forward computes per round: their pre-activations [rows, G U] sit in
+// shared memory, at most kRoundBytes of it (at least 16 rows), so the shared size does not
+// grow with the batch. Each round ends in a dependent chain of global loads, so fewer,
+// larger rounds are faster (B = 128 in one round where G U is small).
+constexpr int64_t kRoundBytes = 16384;
+
+template <typename Cell, typename S>
+__host__ __device__ constexpr int64_t persistent_round_rows(int64_t batch, int64_t units) {
+  using A = typename Acc<S>::type;
+  const int64_t fit = kRoundBytes / (Cell::kGates * units * int64_t(sizeof(A)));
+  const int64_t rows = fit > 16 ? fit : 16;
+  return batch < rows ? batch : rows;
+}
 
 // Shared memory of the forward for U units per block: the W_hh slice [G U, H] (S) and one
-// row chunk's recurrent pre-activations [kRowChunk, G U] (A).
+// round's recurrent pre-activations [round rows, G U] (A).
 template <typename Cell, typename S>
-constexpr size_t persistent_forward_shared(int64_t hidden, int64_t units) {
+constexpr size_t persistent_forward_shared(int64_t hidden, int64_t batch, int64_t units) {
   using A = typename Acc<S>::type;
   const size_t w = size_t(Cell::kGates) * units * hidden * sizeof(S);
-  return (w + 15) / 16 * 16 + size_t(kRowChunk) * Cell::kGates * units * sizeof(A);
+  return (w + 15) / 16 * 16 +
+         size_t(persistent_round_rows<Cell, S>(batch, units)) * Cell::kGates * units * sizeof(A);
 }
 
 // Scratch (A): h in two buffers (read one, write the other, so no block overwrites an h
@@ -212,9 +223,10 @@ __global__ void persistent_forward(KernelArgs a) {
   const int64_t H = a.hidden, B = a.batch, U = a.units;
   const int64_t j0 = int64_t(blockIdx.x) * U;
   const int64_t Ub = (j0 + U <= H ? U : H - j0);  // this block's units (the last may have fewer)
+  const int64_t round_rows = persistent_round_rows<Cell, S>(B, U);
   S* w_s = dynamic_shared<S>();  // [G Ub][H]: row q = gate q / Ub, unit q % Ub
   A* hg_s = reinterpret_cast<A*>(reinterpret_cast<char*>(w_s) +
-                                 (size_t(G) * U * H * sizeof(S) + 15) / 16 * 16);  // [chunk][G Ub]
+                                 (size_t(G) * U * H * sizeof(S) + 15) / 16 * 16);  // [round][G Ub]
   const S* w_hh = static_cast<const S*>(a.w_hh);
   for (int64_t i = threadIdx.x; i < G * Ub * H; i += blockDim.x) {
     const int64_t q = i / H, k = i % H;
@@ -235,8 +247,8 @@ __global__ void persistent_forward(KernelArgs a) {
     const int64_t t = visited(a, k), n = a.sizes[t], off = a.offsets[t];
     const A* h_in = h_buf + cur * B * H;
     A* h_out = h_buf + (1 - cur) * B * H;
-    for (int64_t r0 = 0; r0 < n; r0 += kRowChunk) {
-      const int64_t rn = (n - r0 < kRowChunk ? n - r0 : kRowChunk);
+    for (int64_t r0 = 0; r0 < n; r0 += round_rows) {
+      const int64_t rn = (n - r0 < round_rows ? n - r0 : round_rows);
       // recurrent pre-activations of this block's units for the chunk's rows
       warp_tiled_dots<A>(h_in + r0 * H, H, w_s, H, rn, G * Ub,
                          [&](int64_t r, int64_t q, A v) { hg_s[r * G * Ub + q] = v; });

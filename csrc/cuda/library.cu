@@ -82,7 +82,7 @@ Resolved resolve(int kernel, const char* cell, int dtype, int64_t hidden, int64_
       out.fn = kernel_of<Cell, S>(kernel);
       out.acc_size = sizeof(A);
       if (kernel == kPersistentForward) {
-        out.shared = k::persistent_forward_shared<Cell, S>(hidden, units);
+        out.shared = k::persistent_forward_shared<Cell, S>(hidden, batch, units);
         out.scratch = k::persistent_forward_scratch<Cell>(hidden, batch);
       } else if (kernel == kPersistentBackward) {
         out.shared = k::persistent_backward_shared<Cell, S>(hidden, units);

@@ -107,7 +107,9 @@ class PersistentBackend(_CudaKernels, loops.PersistentBackend):
         while units <= hidden:
             fits = []
             for kernel in (lib.PERSISTENT_FORWARD, lib.PERSISTENT_BACKWARD):
-                shared, _ = library.persistent_sizes(kernel, cell_name, dtype, hidden, 1, units)
+                # at the largest round of rows (any batch), so every batch fits the plan
+                shared, _ = library.persistent_sizes(kernel, cell_name, dtype, hidden, 1 << 30,
+                                                     units)
                 resident, limit = library.resident_blocks(kernel, cell_name, dtype, device,
                                                           threads, shared)
                 if shared > limit:

@@ -102,7 +102,7 @@ double run_persistent() {
   a.y = y.data(), a.hg_all = hg_all.data(), a.c_all = c_all.data(), a.h_n = hn.data();
   a.c_n = cn.data(), a.scratch = scratch.data();
   e::launch(k::persistent_forward<Cell, double>, blocks, 32,
-            k::persistent_forward_shared<Cell, double>(H, U), a);
+            k::persistent_forward_shared<Cell, double>(H, B, U), a);
   a.dy = dy.data(), a.dh_n = dhn.data(), a.dc_n = dcn.data(), a.dxp = dxp.data();
   a.dhg = dhg.data(), a.dh0 = dh0.data(), a.dc0 = dc0.data();
   e::launch(k::persistent_backward<Cell, double>, blocks, 32,
