@@ -23,11 +23,11 @@ _REGISTRY: Dict[str, Backend] = {
 }
 
 # What "auto" tries, best first, per device type. It always ends in "reference".
-# CUDA: measured on an H200 (bench/gpu/gpu_check.md, fp32, fwd and fwd+bwd). Where the Triton
-# persistent kernel fits (hidden <= 64 for an LSTM) it was the fastest of ours in 7 of the 8
-# (shape, cell, pass) cases; elsewhere the CUDA persistent kernel was, except at the widest
-# batch (copy: B 128, H 500), where the per-step path was 1.3-2.1x faster in 3 of 4 cases.
-# torch.nn (cuDNN) itself was faster than all of them at the seed shapes but ptb.
+# CUDA: measured on an H200 (bench/gpu/gpu_check.md, fp32 seed shapes, fwd and fwd+bwd).
+# Where the Triton persistent kernel fits (hidden <= 64 for an LSTM) it was the fastest of
+# ours in 6 of the 8 (shape, cell, pass) cases; elsewhere the CUDA persistent kernel was in
+# all cases but one (GRU forward at B 128, H 500: triton:alternating). The per-step paths
+# were about even. torch.nn (cuDNN) was faster than all of them at the seed shapes but ptb.
 _AUTO_ORDER: Dict[str, List[str]] = {
     "cpu": ["cpu", "reference"],
     "cuda": ["triton:persistent", "cuda:persistent", "cuda:pointwise", "triton:alternating",
