@@ -24,6 +24,7 @@ from fusedrnn import dispatch
 from fusedrnn.backend import cuda, cuda_library
 from fusedrnn.backend.base import LayerSpec
 from fusedrnn.cells import CELLS
+from conftest import assert_close, runs_on_cpu_tensors
 from sequence_check import check_sequence, gradcheck_sequence, random_batch_sizes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,6 +122,27 @@ def test_module_matches_torch_nn(backend, kind, rng):
         outs.append([y, *states, *grads])
     for a, b in zip(outs[1], outs[0]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", ["cuda:persistent", "cuda:pointwise", "triton:persistent",
+                                     "triton:alternating"])
+def test_torch_compile(backend, rng):
+    """A compiled two-layer LSTM runs its GPU-family layers outside the graph and matches
+    torch.nn, gradient included (tracing into the ctypes calls once crashed the process;
+    into Triton's interpreter, it raised)."""
+    if not runs_on_cpu_tensors(backend):
+        pytest.skip(f"{backend} does not run on CPU tensors here")
+    dtype = torch.float64 if backend.startswith("cuda") else torch.float32
+    ours = fusedrnn.LSTM(5, 8, 2, backend=backend).to(dtype)
+    ref = nn.LSTM(5, 8, 2).to(dtype)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(4, 3, 5, dtype=dtype, requires_grad=True)
+    results = []
+    for layer in (torch.compile(ours), ref):
+        y, (h, c) = layer(x)
+        results.append([y, h, c, torch.autograd.grad(y.sum() + (h * c).sum(), x)[0]])
+    for a, b in zip(*results):
+        assert_close(a, b, dtype)
 
 
 @emulated

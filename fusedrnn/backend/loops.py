@@ -12,6 +12,7 @@ activations from them. The weight gradients are large GEMMs after the backward l
 """
 from __future__ import annotations
 
+import sys
 from typing import List, Optional
 
 import torch
@@ -107,20 +108,44 @@ _TransformableSequence = transformable_function("_TransformableSequence", _forwa
                                                 _save, _backward, _reference)
 
 
+def _sequence(path, xp, args):
+    """``LoopBackend.sequence``: the autograd Function over ``path``'s loops."""
+    cell, batch_sizes, reverse = args.cell, args.batch_sizes, args.reverse
+    tensors = [t.contiguous() if t is not None else None
+               for t in (xp, args.h0, args.c0, args.w_hh, args.b_hh, args.w_hr)]
+    if under_transform():
+        return _TransformableSequence.apply(path, cell, batch_sizes, reverse, True,
+                                            *tensors)[:3]
+    # inference (no_grad, or nothing requiring grad) skips writing what backward reads
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return _Sequence.apply(path, cell, batch_sizes, reverse, save, *tensors)
+
+
+_UNTRACED = []
+
+
+def _untraced_sequence():
+    """``_sequence`` behind torch.compiler.disable once torch.compile's machinery is loaded,
+    else ``_sequence`` itself: wrapping it at import would import torch._dynamo (and with it
+    Triton, before a user can set TRITON_INTERPRET) and cost a second."""
+    if "torch._dynamo" not in sys.modules:
+        return _sequence
+    if not _UNTRACED:
+        _UNTRACED.append(torch.compiler.disable(_sequence))
+    return _UNTRACED[0]
+
+
 class LoopBackend(Backend):
     """A backend whose ``sequence`` is the autograd Function above over its own
-    ``forward_loop`` and ``backward_loop``."""
+    ``forward_loop`` and ``backward_loop``.
+
+    ``sequence`` is kept out of torch.compile's tracing: a compiled model runs these layers
+    eagerly between its graphs. Dynamo cannot trace the CUDA kernels' ctypes launches (tracing
+    into them corrupted the heap) nor Triton's interpreter (it raised), and compiled Triton
+    kernels inside these loops were never run on a GPU."""
 
     def sequence(self, xp, args):
-        cell, batch_sizes, reverse = args.cell, args.batch_sizes, args.reverse
-        tensors = [t.contiguous() if t is not None else None
-                   for t in (xp, args.h0, args.c0, args.w_hh, args.b_hh, args.w_hr)]
-        if under_transform():
-            return _TransformableSequence.apply(self, cell, batch_sizes, reverse, True,
-                                                *tensors)[:3]
-        # inference (no_grad, or nothing requiring grad) skips writing what backward reads
-        save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-        return _Sequence.apply(self, cell, batch_sizes, reverse, save, *tensors)
+        return _untraced_sequence()(self, xp, args)
 
 
 class PerStepBackend(LoopBackend):
