@@ -47,6 +47,20 @@ class Cell:
         return f"Cell({self.name})"
 
 
+def built_cell_reason(cell: Cell, built: Optional[Tuple[int, ...]], kernels: str) -> Optional[str]:
+    """Why compiled kernels cannot run ``cell``: ``built`` is the cell's traits as they were
+    compiled (csrc/cells/cells.h: gates, states, reads h, split hidden grad, saved per unit), or
+    None when they have no such cell; None when the traits agree with the registry's."""
+    mine = (cell.gates, cell.states, int(cell.reads_h), int(cell.split_hidden_grad),
+            cell.saved_per_h)
+    if built is None:
+        return f"the {kernels} kernels have no cell {cell.name!r} (csrc/cells/cells.h)"
+    if tuple(built) != mine:
+        return (f"the {kernels} cell {cell.name!r} has traits {tuple(built)}, the registry's "
+                f"{mine} (gates, states, reads h, split hg, saved)")
+    return None
+
+
 def lstm_step(xg: Tensor, hg: Tensor, h: Tensor, c: Optional[Tensor]):
     i, f, g, o = (xg + hg).chunk(4, dim=-1)
     c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)

@@ -146,6 +146,17 @@ def test_torch_compile(backend, rng):
 
 
 @emulated
+def test_cuda_cells_match_the_registry():
+    """The CUDA build lists csrc/cells/cells.h's cells, each with the registry's traits."""
+    from fusedrnn.cells import built_cell_reason
+    library = cuda_library.load()[0]
+    assert sorted(library.cells) == sorted(CELLS)
+    for name in library.cells:
+        assert built_cell_reason(CELLS[name], library.cell_traits(name), "CUDA") is None, name
+    assert library.cell_traits("lstm2") is None
+
+
+@emulated
 def test_refusals_say_why():
     lib_spec = dict(device=torch.device("cpu"), cell=CELLS["lstm"], hidden_size=8)
     bf16 = LayerSpec(dtype=torch.bfloat16, **lib_spec)

@@ -12,10 +12,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..cells import CELLS, Cell
+from ..cells import CELLS, built_cell_reason
 from .base import Backend
 from .reference import run_layer
-from .transforms import (differentiable_vjp, needs_differentiable_backward,
+from .transforms import (differentiable_vjp, needs_differentiable_backward, plain_function,
                          transformable_function, under_transform)
 
 _DTYPES = (torch.float32, torch.float64)
@@ -80,23 +80,9 @@ def _forward_saving(cell_name, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w
     return (y, h_n, c_n if c0 is not None else None, *saved)
 
 
-class _Layer(torch.autograd.Function):
-    """(cell_name, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse) ->
-    (y, h_n, c_n). With ``w_ih`` None, x is already the projection xp (``sequence``).
-
-    The form autograd calls cheapest (``forward`` takes ctx: no ``setup_context``, whose
-    ``apply`` binds arguments through ``inspect`` at every call); torch.func needs
-    ``_TransformableLayer``."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        outputs = _forward_saving(*inputs)
-        _save(ctx, inputs, outputs)
-        return outputs[:3]
-
-    backward = staticmethod(_backward)
-
-
+# (cell_name, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse) -> (y, h_n, c_n);
+# with ``w_ih`` None, x is already the projection xp (``sequence``).
+_Layer = plain_function("_Layer", _forward_saving, _save, _backward)
 _TransformableLayer = transformable_function("_TransformableLayer", _forward_saving, _save,
                                              _backward, _reference)
 
@@ -176,11 +162,6 @@ def _cpp_traits(name: str) -> Optional[Tuple[int, ...]]:
     return tuple(torch.ops.fusedrnn.cell_traits(name))
 
 
-def _traits(cell: Cell) -> Tuple[int, ...]:
-    return (cell.gates, cell.states, int(cell.reads_h), int(cell.split_hidden_grad),
-            cell.saved_per_h)
-
-
 class CpuBackend(Backend):
     name = "cpu"
 
@@ -194,13 +175,8 @@ class CpuBackend(Backend):
             return f"runs on CPU tensors only, not {spec.device.type}"
         if spec.dtype not in _DTYPES:
             return f"supports float32 and float64, not {spec.dtype}"
-        cpp = _cpp_traits(spec.cell.name)
-        if cpp is None:
-            return f"the C++ kernels have no cell {spec.cell.name!r} (csrc/cells/cells.h)"
-        if cpp != _traits(spec.cell):
-            return (f"the C++ cell {spec.cell.name!r} has traits {cpp}, the registry's has "
-                    f"{_traits(spec.cell)} (gates, states, reads h, split hg, saved)")
-        return super().unsupported_reason(spec)
+        return (built_cell_reason(spec.cell, _cpp_traits(spec.cell.name), "C++")
+                or super().unsupported_reason(spec))
 
     def sequence(self, xp, args):
         xp, h0, c0, w_hh, b_hh, w_hr = _contiguous(xp, args.h0, args.c0, args.w_hh, args.b_hh,

@@ -11,21 +11,17 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
+from ..cells import built_cell_reason
 from . import cuda_library as lib
 from . import loops
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def _traits(cell) -> Tuple[int, ...]:
-    return (cell.gates, cell.states, int(cell.reads_h), int(cell.split_hidden_grad),
-            cell.saved_per_h)
 
 
 def _library() -> lib.Library:
@@ -60,13 +56,8 @@ class _CudaKernels:
         dtypes = (torch.float32, torch.float64) if emulated else tuple(lib.DTYPE_CODES)
         if spec.dtype not in dtypes:
             return f"supports {', '.join(str(d)[6:] for d in dtypes)} here, not {spec.dtype}"
-        built = library.cell_traits(spec.cell.name)
-        if built is None:
-            return f"the CUDA kernels have no cell {spec.cell.name!r} (csrc/cells/cells.h)"
-        if built != _traits(spec.cell):
-            return (f"the CUDA cell {spec.cell.name!r} has traits {built}, the registry's "
-                    f"{_traits(spec.cell)}")
-        return super().unsupported_reason(spec)
+        return (built_cell_reason(spec.cell, library.cell_traits(spec.cell.name), "CUDA")
+                or super().unsupported_reason(spec))
 
 
 class PointwiseBackend(_CudaKernels, loops.PerStepBackend):

@@ -19,7 +19,7 @@ import torch
 
 from .base import Backend, step_rows
 from .reference import run_sequence
-from .transforms import (differentiable_vjp, needs_differentiable_backward,
+from .transforms import (differentiable_vjp, needs_differentiable_backward, plain_function,
                          transformable_function, under_transform)
 
 
@@ -90,20 +90,9 @@ def _forward_saving(path, cell, batch_sizes, reverse, save, xp, h0, c0, w_hh, b_
     return (y, h_n, c_n, *saved)
 
 
-class _Sequence(torch.autograd.Function):
-    """(path, cell, batch_sizes, reverse, save, xp, h0, c0, w_hh, b_hh, w_hr) -> (y, h_n, c_n);
-    ``path`` runs the forward and backward loops. The form autograd calls cheapest (see
-    cpu._Layer); torch.func needs ``_TransformableSequence``."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        outputs = _forward_saving(*inputs)
-        _save(ctx, inputs, outputs)
-        return outputs[:3]
-
-    backward = staticmethod(_backward)
-
-
+# (path, cell, batch_sizes, reverse, save, xp, h0, c0, w_hh, b_hh, w_hr) -> (y, h_n, c_n);
+# ``path`` runs the forward and backward loops.
+_Sequence = plain_function("_Sequence", _forward_saving, _save, _backward)
 _TransformableSequence = transformable_function("_TransformableSequence", _forward_saving,
                                                 _save, _backward, _reference)
 

@@ -109,6 +109,21 @@ def vmap_by_loop(apply: Callable, info, in_dims: Sequence[Optional[int]], args: 
 _TENSOR = object()  # marks a tensor slot in the inputs a transformable Function keeps
 
 
+def plain_function(name: str, forward: Callable, save: Callable, backward: Callable):
+    """A kernel backend's Function in the form autograd calls cheapest: ``forward`` takes ctx
+    (no ``setup_context``, whose ``apply`` binds arguments through ``inspect`` at every call).
+    Arguments as for ``transformable_function``; torch.func needs that one."""
+
+    def forward_with_ctx(ctx, *inputs):
+        outputs = forward(*inputs)
+        save(ctx, inputs, outputs)
+        return outputs[:3]
+
+    return type(name, (torch.autograd.Function,), dict(
+        __doc__=plain_function.__doc__, forward=staticmethod(forward_with_ctx),
+        backward=staticmethod(backward)))
+
+
 def transformable_function(name: str, forward: Callable, save: Callable, backward: Callable,
                            reference: Callable):
     """A kernel backend's Function in the form torch.func accepts (``setup_context``), with a
