@@ -298,3 +298,44 @@ def test_gpu_check_without_a_device(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "No CUDA device" in (tmp_path / "gpu_check.md").read_text()
     assert json.loads((tmp_path / "gpu_check.json").read_text())["status"] == "no CUDA device"
+
+
+# ---- the GPU families' public ``sequence`` checks its arguments ----
+
+LOOP_BACKENDS = ["cuda:persistent", "cuda:pointwise", "triton:persistent", "triton:alternating"]
+
+
+def _wrong(t):
+    """Ways a tensor argument can be wrong (each raises before any kernel runs)."""
+    out = [t[:-1], torch.cat([t, t[:1]]), t.unsqueeze(0),
+           t.to(torch.float32 if t.dtype == torch.float64 else torch.float64)]
+    if t.dim() == 2:
+        out += [t.reshape(-1), t[:, :-1], torch.cat([t, t[:, :1]], 1)]
+    return out
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("backend", LOOP_BACKENDS)
+def test_sequence_refuses_inconsistent_arguments(backend, cell, rng):
+    """Each tensor argument wrong in turn (short, long, 3-D, other dtype, flat, narrow, wide),
+    tampered step counts, and a state a cell does not have: a RuntimeError, not a kernel
+    reading past a buffer."""
+    if not runs_on_cpu_tensors(backend):
+        pytest.skip(f"{backend} does not run on CPU tensors here")
+    from sequence_check import run_sequence, sequence_inputs
+    path = dispatch._REGISTRY[backend]
+    dtype = torch.float64 if backend.startswith("cuda") else torch.float32
+    good = sequence_inputs(CELLS[cell], torch.tensor([3, 2, 2]), 5, dtype=dtype)
+    run_sequence(path, CELLS[cell], good, reverse=False)  # the good arguments run
+    cases = []
+    for name in ("xp", "h0", "c0", "w_hh", "b_hh"):
+        if good[name] is not None:
+            cases += [(name, bad) for bad in _wrong(good[name].detach())]
+    cases += [("batch_sizes", torch.tensor(v)) for v in ([2, 3, 2], [3, 2, -1], [3, 2, 1],
+                                                         [3, 2, 3], [0, 0, 0], [])]
+    cases += [("batch_sizes", torch.tensor([3, 2, 2], dtype=torch.int32)),
+              ("batch_sizes", torch.tensor([[3, 2, 2]]))]
+    cases.append(("c0", None) if cell == "lstm" else ("c0", torch.zeros(3, 5, dtype=dtype)))
+    for name, bad in cases:
+        with pytest.raises(RuntimeError, match="fusedrnn"):
+            run_sequence(path, CELLS[cell], dict(good, **{name: bad}), reverse=False)

@@ -97,6 +97,49 @@ _TransformableSequence = transformable_function("_TransformableSequence", _forwa
                                                 _save, _backward, _reference)
 
 
+def check_sequence_args(xp, args) -> None:
+    """RuntimeError unless ``xp`` and ``args`` form one consistent layer direction (the
+    interface in base.py). The modules only ever pass such arguments, but ``sequence`` is
+    public, and a kernel handed a short or mis-shaped tensor would read or write past it."""
+    def fail(what):
+        raise RuntimeError(f"fusedrnn: {what}")
+
+    sizes = args.batch_sizes
+    if not (isinstance(sizes, torch.Tensor) and sizes.dtype == torch.int64 and sizes.dim() == 1
+            and sizes.numel() > 0 and sizes.device.type == "cpu"):
+        fail("batch_sizes must be a non-empty 1-D int64 CPU tensor")
+    counts = sizes.tolist()
+    if counts[0] < 1 or any(n < 0 or n > p for p, n in zip(counts, counts[1:])):
+        fail(f"batch_sizes must be positive first and non-increasing, got {counts}")
+    if xp.dim() != 2 or xp.shape[0] != sum(counts):
+        fail(f"xp must be [{sum(counts)} rows, G H] for batch_sizes summing to {sum(counts)}, "
+             f"got {tuple(xp.shape)}")
+    gates, w_hh = args.cell.gates, args.w_hh
+    if w_hh.dim() != 2 or w_hh.shape[0] == 0 or w_hh.shape[0] % gates:
+        fail(f"w_hh must be [{gates} * hidden, out], got {tuple(w_hh.shape)}")
+    hidden, out = w_hh.shape[0] // gates, w_hh.shape[1]
+    expected = {"xp": (xp, (xp.shape[0], gates * hidden)),
+                "h0": (args.h0, (counts[0], out)),
+                "c0": (args.c0, (counts[0], hidden) if args.cell.has_cell_state else None),
+                "b_hh": (args.b_hh, (gates * hidden,) if args.b_hh is not None else None),
+                "w_hr": (args.w_hr, (out, hidden) if args.w_hr is not None else None)}
+    if args.w_hr is None and out != hidden:
+        fail(f"w_hh is {tuple(w_hh.shape)}: its width must be the hidden size {hidden} "
+             f"without w_hr")
+    for name, (t, shape) in expected.items():
+        if shape is None:
+            if t is not None:
+                fail(f"{name} must be None for this cell")
+            continue
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+            fail(f"{name} must have shape {shape}, got "
+                 f"{tuple(t.shape) if isinstance(t, torch.Tensor) else t}")
+        if t.dtype != xp.dtype or t.device != xp.device:
+            fail(f"{name} is {t.dtype} on {t.device}, xp {xp.dtype} on {xp.device}")
+    if w_hh.dtype != xp.dtype or w_hh.device != xp.device:
+        fail(f"w_hh is {w_hh.dtype} on {w_hh.device}, xp {xp.dtype} on {xp.device}")
+
+
 def _sequence(path, xp, args):
     """``LoopBackend.sequence``: the autograd Function over ``path``'s loops."""
     cell, batch_sizes, reverse = args.cell, args.batch_sizes, args.reverse
@@ -134,6 +177,7 @@ class LoopBackend(Backend):
     kernels inside these loops were never run on a GPU."""
 
     def sequence(self, xp, args):
+        check_sequence_args(xp, args)
         return _untraced_sequence()(self, xp, args)
 
 
