@@ -55,25 +55,36 @@ __device__ __forceinline__ void warp_sum_all(A (&v)[N]) {
   }
 }
 
-// Storage type S -> the type A the math runs in, and back.
-template <typename S>
-struct Acc {
-  using type = S;  // float and double compute in themselves
-};
-#if !defined(FUSEDRNN_CUDA_EMULATE)
-template <>
-struct Acc<__half> {
-  using type = float;
-};
-template <>
-struct Acc<__nv_bfloat16> {
-  using type = float;
-};
+// The 16-bit storage types: CUDA's, or the emulation's of the same layout.
+#if defined(FUSEDRNN_CUDA_EMULATE)
+using half = emulate::half;
+using bfloat16 = emulate::bfloat16;
+inline float to_acc(half v) { return static_cast<float>(v); }
+inline float to_acc(bfloat16 v) { return emulate::to_float(v); }
+inline void store(half* p, float v) { *p = static_cast<half>(v); }
+inline void store(bfloat16* p, float v) { *p = emulate::to_bfloat16(v); }
+#else
+using half = __half;
+using bfloat16 = __nv_bfloat16;
 __device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
 __device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 #endif
+
+// Storage type S -> the type A the math runs in, and back.
+template <typename S>
+struct Acc {
+  using type = S;  // float and double compute in themselves
+};
+template <>
+struct Acc<half> {
+  using type = float;
+};
+template <>
+struct Acc<bfloat16> {
+  using type = float;
+};
 __device__ __forceinline__ float to_acc(float v) { return v; }
 __device__ __forceinline__ double to_acc(double v) { return v; }
 __device__ __forceinline__ void store(float* p, float v) { *p = v; }

@@ -36,16 +36,14 @@ bool with_cell(const char* cell, F&& f) {
   return false;
 }
 
-// Calls f with a value of the storage type `dtype` names; false if this build has none.
+// Calls f with a value of the storage type `dtype` names; false for an unknown code.
 template <typename F>
 bool with_dtype(int dtype, F&& f) {
   switch (dtype) {
     case kFloat32: return f(float{}), true;
     case kFloat64: return f(double{}), true;
-#if !defined(FUSEDRNN_CUDA_EMULATE)
-    case kFloat16: return f(__half{}), true;
-    case kBFloat16: return f(__nv_bfloat16{}), true;
-#endif
+    case kFloat16: return f(k::half{}), true;
+    case kBFloat16: return f(k::bfloat16{}), true;
     default: return false;
   }
 }

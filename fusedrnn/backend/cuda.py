@@ -5,7 +5,7 @@
   slice of hidden units and keeps its slice of W_hh in shared memory for the whole sequence.
 
 With ``FUSEDRNN_CUDA_EMULATE=1`` both run on CPU tensors, the same kernel source executed by
-csrc/cuda/emulate/emulate.h on CPU threads (float32 and float64; fp16/bf16 are GPU-only).
+csrc/cuda/emulate/emulate.h on CPU threads, in every dtype the GPU build has.
 """
 from __future__ import annotations
 
@@ -53,9 +53,8 @@ class _CudaKernels:
         if spec.device.type != device:
             return (f"runs on {device} tensors {'(emulated) ' if emulated else ''}only, not "
                     f"{spec.device.type}")
-        dtypes = (torch.float32, torch.float64) if emulated else tuple(lib.DTYPE_CODES)
-        if spec.dtype not in dtypes:
-            return f"supports {', '.join(str(d)[6:] for d in dtypes)} here, not {spec.dtype}"
+        if spec.dtype not in lib.DTYPE_CODES:
+            return f"supports float32, float64, float16 and bfloat16, not {spec.dtype}"
         return (built_cell_reason(spec.cell, library.cell_traits(spec.cell.name), "CUDA")
                 or super().unsupported_reason(spec))
 

@@ -35,6 +35,29 @@ struct dim3 {
 namespace fusedrnn {
 namespace emulate {
 
+// The 16-bit storage types, laid out as torch's float16 and bfloat16 tensors are: _Float16 is
+// IEEE binary16 (GCC converts with round-to-nearest-even); bfloat16 is the top half of a float,
+// rounded to nearest even as CUDA's __float2bfloat16_rn does (NaN stays NaN).
+using half = _Float16;
+struct bfloat16 {
+  uint16_t bits;
+};
+
+inline float to_float(bfloat16 v) {
+  const uint32_t u = uint32_t(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline bfloat16 to_bfloat16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return {uint16_t((u >> 16) | 0x40u)};  // quiet NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return {uint16_t(u >> 16)};
+}
+
 constexpr int kWarpSize = 32;
 
 struct Warp {
