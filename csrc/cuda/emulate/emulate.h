@@ -5,7 +5,7 @@
 //   - one std::thread per CUDA thread; threadIdx, blockIdx, blockDim, gridDim as thread-locals
 //   - __syncthreads(): a barrier over the block's threads
 //   - grid_sync(): a barrier over every thread of the launch (cooperative launches)
-//   - dynamic shared memory: one zero-filled buffer per block
+//   - dynamic shared memory: one buffer per block, filled with NaN bytes (undefined on a GPU)
 //   - __shfl_xor_sync over a full warp of 32 lanes (every lane must call it, as on a GPU)
 //   - atomicAdd on float and double
 // Threads of a warp are not run in lockstep: code that relies on implicit warp synchrony
@@ -69,9 +69,11 @@ struct Warp {
 struct Block {
   std::barrier<> barrier;
   std::vector<std::unique_ptr<Warp>> warps;
-  std::vector<uint64_t> shared;  // dynamic shared memory, 8-byte aligned
+  // Dynamic shared memory, 8-byte aligned, filled with all-ones bytes (NaN in any float type):
+  // a GPU leaves it undefined, so a kernel that reads it before writing must not pass here.
+  std::vector<uint64_t> shared;
   Block(int threads, size_t shared_bytes)
-      : barrier(threads), shared((shared_bytes + 7) / 8, 0) {
+      : barrier(threads), shared((shared_bytes + 7) / 8, ~uint64_t(0)) {
     for (int w = 0; w * kWarpSize < threads; ++w)
       warps.push_back(std::make_unique<Warp>(std::min(kWarpSize, threads - w * kWarpSize)));
   }
