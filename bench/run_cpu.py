@@ -47,6 +47,26 @@ def main(args):
            env["OMP_WAIT_POLICY"], load_before, output_path(args))
 
 
+# The CPU flags that decide which kernels and GEMM routes a machine can run.
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+             "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_model_and_flags():
+    """The CPU's model name and which of ISA_FLAGS it has (from /proc/cpuinfo, as lscpu)."""
+    model, flags = platform.machine(), set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == platform.machine():
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return model, " ".join(f for f in ISA_FLAGS if f in flags) or "unknown"
+
+
 def render(data, wall, command, wait_policy, load_before, out_path):
     best = {}
     peak = None
@@ -58,12 +78,12 @@ def render(data, wall, command, wait_policy, load_before, out_path):
         best[(info["kind"], info["shape"], info["mode"], info["impl"])] = (b["stats"]["min"],
                                                                            info["flops"])
     threads = data["benchmarks"][0]["extra_info"]["threads"]
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                  if line.startswith("model name")), platform.machine())
+    model, flags = cpu_model_and_flags()
     import torch
     lines = [f"# CPU speed: fusedrnn `cpu` vs torch.nn ({threads} threads, float32)", "",
              f"Command: `{command}` (wall {wall:.0f} s). Machine: {model}, "
-             f"{os.cpu_count()} CPUs, torch {torch.__version__}, {data['datetime']}; "
+             f"{os.cpu_count()} CPUs (vector and matrix ISA: {flags}), "
+             f"torch {torch.__version__}, {data['datetime']}; "
              f"load average before the run {load_before:.2f} (2 cores: anything near 1 or more "
              "means other jobs shared the machine and absolute times are noisy): read the "
              "ratios (min over rounds of one run). "
