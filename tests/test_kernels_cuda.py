@@ -100,6 +100,33 @@ def test_persistent_block_splits(sms, blocks, hidden, cell, rng):
 
 
 @emulated
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+def test_wider_than_the_emulated_grid(sms, path, rng):
+    """More (row, unit) elements than the emulated pointwise grid has threads (4 blocks of 64:
+    the kernels loop grid-stride), and more blocks asked for than the emulation's thread cap
+    allows (the plan keeps within it): both run, and match the reference."""
+    sms(1000)
+    check_sequence(path, "gru", random_batch_sizes(rng, 3, 40, packed=True), 70,
+                   reverse=rng.random() < 0.5, scale=0.2)
+
+
+def test_emulator_refuses_a_launch_over_its_thread_cap(tmp_path):
+    """A launch over the emulation's thread cap is refused before any thread starts (a thread
+    failing to start midway would leave the others waiting at barriers: a hang or an abort)."""
+    src = tmp_path / "cap.cpp"
+    src.write_text('#include "cuda/emulate/emulate.h"\n#include <cstdio>\n'
+                   "struct A {};\nvoid k(A) {}\n"
+                   "int main() { try { fusedrnn::emulate::launch(k, 5000u, 32u, 0, A{}); }\n"
+                   '  catch (const std::exception& e) { std::puts(e.what()); return 3; }\n'
+                   "  return 0; }\n")
+    exe = str(tmp_path / "cap")
+    subprocess.run(["g++", "-std=c++20", "-pthread", "-I", CSRC, str(src), "-o", exe],
+                   check=True, capture_output=True)
+    result = subprocess.run([exe], capture_output=True, text=True)
+    assert result.returncode == 3 and "over the emulation's 4096" in result.stdout
+
+
+@emulated
 @pytest.mark.parametrize("cell", CELL_NAMES)
 @pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
 def test_gradcheck(path, cell, rng):

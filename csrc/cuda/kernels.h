@@ -43,12 +43,32 @@ struct Gates {
 
 // out[:n] = h_new (and the h state if write_h); the c state (A) = c_new, and c_all[:n] = c_new
 // if save. xg (= xp rows, b_ih included) and hg (= h W_hh^T + b_hh) are S-typed [n, G H].
+// Both pointwise kernels loop over their (row, unit) elements grid-stride, so any grid covers
+// any size (the emulation launches a small one: each thread there is an OS thread).
+template <typename Cell, typename S>
+__device__ __forceinline__ void pointwise_forward_one(const KernelArgs& a, int64_t e);
+template <typename Cell, typename S>
+__device__ __forceinline__ void pointwise_backward_one(const KernelArgs& a, int64_t e);
+
 template <typename Cell, typename S>
 __global__ void pointwise_forward(KernelArgs a) {
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < a.n * a.hidden;
+       e += int64_t(gridDim.x) * blockDim.x)
+    pointwise_forward_one<Cell, S>(a, e);
+}
+
+template <typename Cell, typename S>
+__global__ void pointwise_backward(KernelArgs a) {
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < a.n * a.hidden;
+       e += int64_t(gridDim.x) * blockDim.x)
+    pointwise_backward_one<Cell, S>(a, e);
+}
+
+template <typename Cell, typename S>
+__device__ __forceinline__ void pointwise_forward_one(const KernelArgs& a, int64_t e) {
   using A = typename Acc<S>::type;
   constexpr int G = Cell::kGates;
-  const int64_t H = a.hidden, e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (e >= a.n * H) return;
+  const int64_t H = a.hidden;
   const int64_t r = e / H, j = e % H;
   const S* xg = static_cast<const S*>(a.xp) + r * G * H;
   const S* hg = static_cast<const S*>(a.hg) + r * G * H;
@@ -88,11 +108,10 @@ __device__ __forceinline__ void recompute(const A* x, const A* g, A h_prev, A c_
 // direct dh_prev term (the caller adds dhg W_hh). h_prev and c_prev rows come from the
 // previous step's saved rows (n_prev of them) or else the initial state.
 template <typename Cell, typename S>
-__global__ void pointwise_backward(KernelArgs a) {
+__device__ __forceinline__ void pointwise_backward_one(const KernelArgs& a, int64_t e) {
   using A = typename Acc<S>::type;
   constexpr int G = Cell::kGates;
-  const int64_t H = a.hidden, e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (e >= a.n * H) return;
+  const int64_t H = a.hidden;
   const int64_t r = e / H, j = e % H;
   const S* xg = static_cast<const S*>(a.xp) + r * G * H;
   const S* hg = static_cast<const S*>(a.hg) + r * G * H;

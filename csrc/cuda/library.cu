@@ -5,6 +5,7 @@
 //   threads, for tests on machines without a GPU (FUSEDRNN_CUDA_EMULATE=1).
 // No torch here: the library needs only the CUDA runtime (linked statically) or nothing.
 // Every function returns 0 on success, else writes a message to `error` and returns 1.
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -151,7 +152,8 @@ int fusedrnn_cuda_persistent_sizes(int kernel, const char* cell, int dtype, int6
 
 // How many blocks of `threads` threads and `shared` bytes can be resident at once on the
 // current device: the occupancy API times the SM count (emulated: FUSEDRNN_CUDA_EMULATE_SMS
-// "SMs" of one block each, default 4), and the device's shared-memory limit per block.
+// "SMs" of one block each, default 4, within the emulation's thread cap), and the device's
+// shared-memory limit per block.
 int fusedrnn_cuda_resident_blocks(int kernel, const char* cell, int dtype, int device,
                                   int threads, int64_t shared, int64_t* blocks,
                                   int64_t* shared_limit, char* error, int size) {
@@ -160,7 +162,8 @@ int fusedrnn_cuda_resident_blocks(int kernel, const char* cell, int dtype, int d
   if (!r.fn) return fail(error, size, why);
 #if defined(FUSEDRNN_CUDA_EMULATE)
   const char* sms = std::getenv("FUSEDRNN_CUDA_EMULATE_SMS");
-  *blocks = sms ? std::max(1, std::atoi(sms)) : 4;
+  const int64_t cap = threads > 0 ? fusedrnn::emulate::kMaxThreads / threads : 1;
+  *blocks = std::min<int64_t>(sms ? std::max(1, std::atoi(sms)) : 4, std::max<int64_t>(cap, 1));
   *shared_limit = 227 * 1024;
   (void)device;
   (void)threads;

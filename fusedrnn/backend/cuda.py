@@ -65,8 +65,10 @@ class PointwiseBackend(_CudaKernels, loops.PerStepBackend):
     def _launch(self, kernel, cell, n, hidden, like, **tensors):
         block = self.threads()
         args = lib.make_args(hidden=hidden, n=n, **tensors)
+        # a thread per element on a GPU; emulated, 4 blocks loop over them (grid-stride)
+        grid = _cdiv(n * hidden, block)
         _library().launch(kernel, cell.name, like.dtype, args, like.device,
-                             _cdiv(n * hidden, block), block)
+                          min(grid, 4) if lib.emulating() else grid, block)
 
     def step_forward(self, cell, n, hidden, xg, hg, h, c, out, c_save, write_h, save):
         if n:

@@ -19,6 +19,7 @@
 #include <cstring>
 #include <memory>
 #include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -59,6 +60,9 @@ inline bfloat16 to_bfloat16(float f) {
 }
 
 constexpr int kWarpSize = 32;
+// Threads one launch may start. Over it a launch is refused before any thread starts: a
+// thread that failed to start midway would leave the started ones waiting at barriers.
+constexpr unsigned kMaxThreads = 4096;
 
 struct Warp {
   std::barrier<> barrier;
@@ -152,6 +156,9 @@ void launch(void (*kernel)(Args), unsigned grid, unsigned block, size_t shared_b
             const Args& args) {
   if (grid == 0 || block == 0) throw std::runtime_error("emulate::launch: empty grid or block");
   if (block > 1024) throw std::runtime_error("emulate::launch: over 1024 threads per block");
+  if (static_cast<uint64_t>(grid) * block > kMaxThreads)
+    throw std::runtime_error("emulate::launch: " + std::to_string(uint64_t(grid) * block) +
+                             " threads, over the emulation's " + std::to_string(kMaxThreads));
   std::vector<std::unique_ptr<Block>> blocks;
   for (unsigned b = 0; b < grid; ++b)
     blocks.push_back(std::make_unique<Block>(static_cast<int>(block), shared_bytes));
