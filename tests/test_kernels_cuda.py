@@ -377,10 +377,14 @@ def test_sequence_refuses_inconsistent_arguments(backend, cell, rng):
         if good[name] is not None:
             cases += [(name, bad) for bad in _wrong(good[name].detach())]
     cases += [("batch_sizes", torch.tensor(v)) for v in ([2, 3, 2], [3, 2, -1], [3, 2, 1],
-                                                         [3, 2, 3], [0, 0, 0], [])]
+                                                         [3, 2, 3], [0, 0, 0], [-3, 2, 2], [])]
     cases += [("batch_sizes", torch.tensor([3, 2, 2], dtype=torch.int32)),
               ("batch_sizes", torch.tensor([[3, 2, 2]]))]
     cases.append(("c0", None) if cell == "lstm" else ("c0", torch.zeros(3, 5, dtype=dtype)))
     for name, bad in cases:
         with pytest.raises(RuntimeError, match="fusedrnn"):
             run_sequence(path, CELLS[cell], dict(good, **{name: bad}), reverse=False)
+    # an empty batch is not an error (torch.nn returns empty outputs)
+    empty = sequence_inputs(CELLS[cell], torch.tensor([0, 0]), 5, dtype=dtype)
+    y, h_n, _ = run_sequence(path, CELLS[cell], empty, reverse=False)
+    assert y.shape == (0, 5) and h_n.shape == (0, 5)

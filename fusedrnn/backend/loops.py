@@ -108,9 +108,9 @@ def check_sequence_args(xp, args) -> None:
     if not (isinstance(sizes, torch.Tensor) and sizes.dtype == torch.int64 and sizes.dim() == 1
             and sizes.numel() > 0 and sizes.device.type == "cpu"):
         fail("batch_sizes must be a non-empty 1-D int64 CPU tensor")
-    counts = sizes.tolist()
-    if counts[0] < 1 or any(n < 0 or n > p for p, n in zip(counts, counts[1:])):
-        fail(f"batch_sizes must be positive first and non-increasing, got {counts}")
+    counts = sizes.tolist()  # an empty batch (all 0) is valid: torch.nn returns empty outputs
+    if counts[0] < 0 or any(n < 0 or n > p for p, n in zip(counts, counts[1:])):
+        fail(f"batch_sizes must be non-negative and non-increasing, got {counts}")
     if xp.dim() != 2 or xp.shape[0] != sum(counts):
         fail(f"xp must be [{sum(counts)} rows, G H] for batch_sizes summing to {sum(counts)}, "
              f"got {tuple(xp.shape)}")
