@@ -39,6 +39,24 @@ struct Gates {
   A v[G];
 };
 
+// One unit's G gate values from a [G H] row (any storage), in A.
+template <int G, typename A, typename T>
+__device__ __forceinline__ void load_unit(const T* row, int64_t H, int64_t j, A (&out)[G]) {
+#pragma unroll
+  for (int q = 0; q < G; ++q) out[q] = to_acc(row[q * H + j]);
+}
+
+// The cell's forward on one unit (H = 1, j = 0) whose biases are already in x and g; with
+// kSave it writes the cell's saved values (the backward recomputes them this way).
+template <typename Cell, bool kSave, typename A>
+__device__ __forceinline__ A unit_forward(const A (&x)[Cell::kGates], const A (&g)[Cell::kGates],
+                                          A h_prev, A& c, A* saved) {
+  A zero[Cell::kGates];
+#pragma unroll
+  for (int q = 0; q < Cell::kGates; ++q) zero[q] = A(0);
+  return Cell::template forward<kSave>(x, g, zero, zero, 1, 0, h_prev, c, saved);
+}
+
 // ---- per-step pointwise kernels: one thread per (row, hidden unit) ----
 
 // out[:n] = h_new (and the h state if write_h); the c state (A) = c_new, and c_all[:n] = c_new
@@ -70,37 +88,20 @@ __device__ __forceinline__ void pointwise_forward_one(const KernelArgs& a, int64
   constexpr int G = Cell::kGates;
   const int64_t H = a.hidden;
   const int64_t r = e / H, j = e % H;
-  const S* xg = static_cast<const S*>(a.xp) + r * G * H;
-  const S* hg = static_cast<const S*>(a.hg) + r * G * H;
-  A x[G], g[G], zero[G];
-#pragma unroll
-  for (int q = 0; q < G; ++q) {
-    x[q] = to_acc(xg[q * H + j]);
-    g[q] = to_acc(hg[q * H + j]);
-    zero[q] = A(0);
-  }
+  A x[G], g[G];
+  load_unit(static_cast<const S*>(a.xp) + r * G * H, H, j, x);
+  load_unit(static_cast<const S*>(a.hg) + r * G * H, H, j, g);
   S* h = static_cast<S*>(a.h);
   A* c = static_cast<A*>(a.c);
   A cv = Cell::kCellState ? c[e] : A(0);
   const A h_prev = Cell::kReadsH ? to_acc(h[e]) : A(0);
-  const A hv = Cell::template forward<false>(x, g, zero, zero, 1, 0, h_prev, cv, (A*)nullptr);
+  const A hv = unit_forward<Cell, false>(x, g, h_prev, cv, (A*)nullptr);
   store(static_cast<S*>(a.out) + e, hv);
   if (a.write_h) store(h + e, hv);
   if (Cell::kCellState) {
     c[e] = cv;
     if (a.save) static_cast<A*>(a.c_all)[e] = cv;
   }
-}
-
-// The cell's saved values for one unit, recomputed from its pre-activations.
-template <typename Cell, typename A>
-__device__ __forceinline__ void recompute(const A* x, const A* g, A h_prev, A c_prev,
-                                          A* saved) {
-  A zero[Cell::kGates];
-#pragma unroll
-  for (int q = 0; q < Cell::kGates; ++q) zero[q] = A(0);
-  A c = c_prev;
-  Cell::template forward<true>(x, g, zero, zero, 1, 0, h_prev, c, saved);
 }
 
 // One step's gradients (the Triton step_bwd_kernel's contract): dxp[:n]; dhg[:n] for a cell
@@ -113,14 +114,9 @@ __device__ __forceinline__ void pointwise_backward_one(const KernelArgs& a, int6
   constexpr int G = Cell::kGates;
   const int64_t H = a.hidden;
   const int64_t r = e / H, j = e % H;
-  const S* xg = static_cast<const S*>(a.xp) + r * G * H;
-  const S* hg = static_cast<const S*>(a.hg) + r * G * H;
   A x[G], g[G], saved[Cell::kSaved], dx[G], dg[G];
-#pragma unroll
-  for (int q = 0; q < G; ++q) {
-    x[q] = to_acc(xg[q * H + j]);
-    g[q] = to_acc(hg[q * H + j]);
-  }
+  load_unit(static_cast<const S*>(a.xp) + r * G * H, H, j, x);
+  load_unit(static_cast<const S*>(a.hg) + r * G * H, H, j, g);
   const bool from_prev = r < a.n_prev;
   const A h_prev = !Cell::kReadsH ? A(0)
                    : from_prev    ? to_acc(static_cast<const S*>(a.h_prev)[e])
@@ -128,7 +124,8 @@ __device__ __forceinline__ void pointwise_backward_one(const KernelArgs& a, int6
   const A c_prev = !Cell::kCellState ? A(0)
                    : from_prev       ? static_cast<const A*>(a.c_prev)[e]
                                      : to_acc(static_cast<const S*>(a.c0)[e]);
-  recompute<Cell>(x, g, h_prev, c_prev, saved);
+  A c_new = c_prev;  // the activations the backward needs, recomputed
+  unit_forward<Cell, true>(x, g, h_prev, c_new, saved);
   A* dh = static_cast<A*>(a.dh);
   A* dc = static_cast<A*>(a.dc);
   const A dhv = dh[e] + (a.has_dy ? to_acc(static_cast<const S*>(a.dy)[e]) : A(0));
@@ -274,16 +271,13 @@ __global__ void persistent_forward(KernelArgs a) {
       __syncthreads();
       for (int64_t i = threadIdx.x; i < rn * Ub; i += blockDim.x) {
         const int64_t r = r0 + i / Ub, u = i % Ub, j = j0 + u, e = r * H + j, row = off + r;
-        A x[G], g[G], zero[G];
+        A x[G], g[G];
+        load_unit(xp + row * G * H, H, j, x);
 #pragma unroll
-        for (int q = 0; q < G; ++q) {
-          x[q] = to_acc(xp[row * G * H + q * H + j]);
+        for (int q = 0; q < G; ++q)
           g[q] = hg_s[(i / Ub) * G * Ub + q * Ub + u] + (b_hh ? to_acc(b_hh[q * H + j]) : A(0));
-          zero[q] = A(0);
-        }
         A cv = Cell::kCellState ? c_state[e] : A(0);
-        const A hv = round_to<S>(
-            Cell::template forward<false>(x, g, zero, zero, 1, 0, h_in[e], cv, (A*)nullptr));
+        const A hv = round_to<S>(unit_forward<Cell, false>(x, g, h_in[e], cv, (A*)nullptr));
         h_out[e] = hv;
         store(static_cast<S*>(a.y) + row * H + j, hv);
         if (Cell::kCellState) c_state[e] = cv;
@@ -359,11 +353,8 @@ __global__ void persistent_backward(KernelArgs a) {
     for (int64_t i = threadIdx.x; i < n * Ub; i += blockDim.x) {
       const int64_t r = i / Ub, j = j0 + i % Ub, e = r * H + j, row = off + r;
       A x[G], g[G], saved[Cell::kSaved], dx[G], dgv[G];
-#pragma unroll
-      for (int q = 0; q < G; ++q) {
-        x[q] = to_acc(xp[row * GH + q * H + j]);
-        g[q] = hg_all[row * GH + q * H + j];
-      }
+      load_unit(xp + row * GH, H, j, x);
+      load_unit(hg_all + row * GH, H, j, g);
       const bool from_prev = r < n_prev;
       const A h_prev = !Cell::kReadsH ? A(0)
                        : from_prev    ? to_acc(y[(off_prev + r) * H + j])
@@ -371,7 +362,8 @@ __global__ void persistent_backward(KernelArgs a) {
       const A c_prev = !Cell::kCellState ? A(0)
                        : from_prev       ? static_cast<const A*>(a.c_all)[(off_prev + r) * H + j]
                                          : to_acc(static_cast<const S*>(a.c0)[e]);
-      recompute<Cell>(x, g, h_prev, c_prev, saved);
+      A c_new = c_prev;  // the activations the backward needs, recomputed
+      unit_forward<Cell, true>(x, g, h_prev, c_new, saved);
       A dcv = Cell::kCellState ? dc[e] : A(0);
       const A dhv = dh[e] + to_acc(static_cast<const S*>(a.dy)[row * H + j]);
       const A direct = Cell::backward(saved, 1, 0, h_prev, c_prev, dhv, dcv, dx, dgv);
