@@ -60,8 +60,17 @@ class _World:
     def __init__(self, device: torch.device):
         self.size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
-        if self.size > 1 and not dist.is_initialized():
+        self.owns_group = self.size > 1 and not dist.is_initialized()
+        if self.owns_group:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    def close(self) -> None:
+        """Wait for every process, then destroy the group this run made: a process that exits
+        with a live gloo group can abort in its worker threads' teardown (pytorch#190489)."""
+        if self.owns_group:
+            dist.barrier()
+            dist.destroy_process_group()
+            self.owns_group = False
 
     @property
     def main(self) -> bool:
@@ -449,7 +458,10 @@ class _Run:
 
 def train(task: Task, cfg: Dict) -> Dict:
     """Train one model as ``cfg`` says; write log, results and plot under ``cfg['out']``."""
-    return _Run(task, cfg).run()
+    run = _Run(task, cfg)
+    results = run.run()
+    run.world.close()  # only after a run that ended well: a failed one must not wait here
+    return results
 
 
 def compare(task: Task, cfg: Dict) -> Dict[str, Dict]:
