@@ -10,7 +10,6 @@ the same run (the minimum is the least disturbed by other processes on a shared 
 """
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -47,24 +46,11 @@ def main(args):
            env["OMP_WAIT_POLICY"], load_before, output_path(args))
 
 
-# The CPU flags that decide which kernels and GEMM routes a machine can run.
-ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
-             "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
-
-
 def cpu_model_and_flags():
-    """The CPU's model name and which of ISA_FLAGS it has (from /proc/cpuinfo, as lscpu)."""
-    model, flags = platform.machine(), set()
-    try:
-        for line in open("/proc/cpuinfo"):
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model == platform.machine():
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    return model, " ".join(f for f in ISA_FLAGS if f in flags) or "unknown"
+    """The CPU's model name and its vector and matrix ISA flags, as fusedrnn.cpu_info() says."""
+    from fusedrnn import cpu_info
+    info = cpu_info()
+    return info["cpu"], info["isa"]
 
 
 def render(data, wall, command, wait_policy, load_before, out_path):
@@ -87,7 +73,9 @@ def render(data, wall, command, wait_policy, load_before, out_path):
              f"load average before the run {load_before:.2f} (2 cores: anything near 1 or more "
              "means other jobs shared the machine and absolute times are noisy): read the "
              "ratios (min over rounds of one run). "
-             f"OMP_WAIT_POLICY={wait_policy}.", "",
+             f"OMP_WAIT_POLICY={wait_policy}. Forward GEMM route: "
+             f"FUSEDRNN_CPU_GEMM={os.environ.get('FUSEDRNN_CPU_GEMM') or 'auto'} "
+             "(auto: measured per layer shape at first use).", "",
              f"Measured GEMM peak (torch.mm 1024^3, MKL): **{peak:.0f} GFLOP/s**." if peak else "", "",
              "Ratio = torch.nn time / implementation time (>1: faster than torch.nn). "
              "Packed columns: packed input with lengths spread over 50-100 % of T, against the padded "

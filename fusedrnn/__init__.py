@@ -16,9 +16,10 @@ Where things are (``dispatch._REGISTRY`` is the one list of backends, ``cells.CE
   Triton and CUDA backends share
 - backend/transforms.py: derivatives the fused backwards do not give (higher order, torch.func)
 """
+from .backend.cpu import cpu_info
 from .dispatch import BackendUnavailableError, backends
 from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, convert, resolved_backend
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "backends",
-           "resolved_backend", "BackendUnavailableError"]
+           "resolved_backend", "BackendUnavailableError", "cpu_info"]
 __version__ = "0.1.0"

@@ -276,3 +276,80 @@ def test_cpp_cells_match_the_registry():
         assert "traits" in built_cell_reason(CELLS[name], (9, *traits[1:]), "C++")
     with pytest.raises(RuntimeError, match="unknown cell"):
         torch.ops.fusedrnn.cell_traits("lstm2")
+
+
+# The forward's two GEMM routes (csrc/cpu/sequence.cpp, GemmRoute): each forced in turn.
+@pytest.fixture(params=["mkl", "onednn"])
+def gemm_route(request, monkeypatch):
+    monkeypatch.setenv("FUSEDRNN_CPU_GEMM", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("cell_name", list(CELLS))
+def test_gemm_routes_match_reference(rng, two_threads, gemm_route, cell_name):
+    """float32 training forward and backward against the float64 reference: packed rows over
+    two threads, hidden sizes that end in a partial 64-unit tile, LSTM with and without proj."""
+    check_sequence(BACKEND, cell_name, random_batch_sizes(rng, 5, 40, packed=True),
+                   hidden=rng.choice([70, 100]), proj=rng.choice([0, 3]) if cell_name == "lstm"
+                   else 0, reverse=rng.random() < 0.5, dtype=torch.float32, scale=0.1)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "LSTM-proj", "GRU", "RNN"])
+def test_gemm_routes_inference_matches_torch_nn(rng, two_threads, gemm_route, kind):
+    """Inference (no saves: the tiles read h from their own copy) on a 2-layer bidirectional
+    packed module, float32, against torch.nn."""
+    mode, _, extra = kind.partition("-")
+    kwargs = dict(num_layers=2, bidirectional=True, proj_size=5 if extra else 0)
+    if mode != "LSTM":
+        del kwargs["proj_size"]
+    ref = getattr(nn, mode)(11, 70, **kwargs)
+    fused = getattr(fusedrnn, mode)(11, 70, backend="cpu", **kwargs)
+    fused.load_state_dict(ref.state_dict())
+    seqs = [torch.randn(rng.randint(1, 9), 11) * 0.3 for _ in range(37)]
+    with torch.no_grad():
+        (out, hidden), (ref_out, ref_hidden) = (
+            m(pack_sequence(seqs, enforce_sorted=False)) for m in (fused, ref))
+    assert_close(out.data, ref_out.data, torch.float32, f"{kind} {gemm_route} y")
+    for a, b in zip(hidden if isinstance(hidden, tuple) else (hidden,),
+                    ref_hidden if isinstance(ref_hidden, tuple) else (ref_hidden,)):
+        assert_close(a, b, torch.float32, f"{kind} {gemm_route} state")
+
+
+def test_onednn_route_leaves_float64_on_mkl(rng, monkeypatch):
+    """The tiles are float32 only: forced onednn, float64 still matches torch.nn to 1e-10."""
+    monkeypatch.setenv("FUSEDRNN_CPU_GEMM", "onednn")
+    ref = nn.GRU(6, 70, dtype=torch.float64)
+    fused = fusedrnn.GRU(6, 70, backend="cpu", dtype=torch.float64)
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 3, 6, dtype=torch.float64)
+    assert_close(fused(x)[0], ref(x)[0], torch.float64, "float64 under onednn")
+
+
+def test_gemm_route_setting_errors(monkeypatch):
+    """A bad FUSEDRNN_CPU_GEMM, or onednn where torch cannot run it, is a RuntimeError; auto
+    then measures only what can run."""
+    lstm = fusedrnn.LSTM(3, 8, backend="cpu")
+    x = torch.randn(2, 20, 3)
+    monkeypatch.setenv("FUSEDRNN_CPU_GEMM", "openblas")
+    with pytest.raises(RuntimeError, match="FUSEDRNN_CPU_GEMM must be mkl, onednn or auto"):
+        lstm(x)
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    assert "mkldnn is disabled" in fusedrnn.cpu_info()["onednn_route"]
+    monkeypatch.setenv("FUSEDRNN_CPU_GEMM", "onednn")
+    with pytest.raises(RuntimeError, match="cannot run here: torch.backends.mkldnn is disabled"):
+        lstm(x)
+    monkeypatch.setenv("FUSEDRNN_CPU_GEMM", "auto")
+    ref = nn.LSTM(3, 8)
+    ref.load_state_dict(lstm.state_dict())
+    assert_close(lstm(x)[0], ref(x)[0], torch.float32, "auto without oneDNN")
+
+
+def test_cpu_info_reports_the_machine_and_measured_routes(monkeypatch):
+    monkeypatch.delenv("FUSEDRNN_CPU_GEMM", raising=False)
+    hidden = 40 + torch.randint(0, 1000, ()).item()  # a shape no other test measured
+    fusedrnn.RNN(3, hidden, backend="cpu")(torch.randn(3, 2, 3))
+    info = fusedrnn.cpu_info()
+    assert info["gemm_route"] == "auto" and info["threads"] == torch.get_num_threads()
+    assert info["cpu"] and info["isa"]
+    assert any(line.startswith(f"rnn_tanh batch 2 hidden {hidden},") and
+               (": mkl (" in line or ": onednn (" in line) for line in info["measured_routes"])

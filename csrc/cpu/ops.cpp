@@ -18,6 +18,8 @@ TORCH_LIBRARY(fusedrnn, m) {
   m.def("cell_names() -> str[]", &fusedrnn::cpu::cell_names);
   m.def("cell_traits(str cell) -> int[]", &fusedrnn::cpu::cell_traits);
   m.def("cached_buffer_bytes() -> int[]", &fusedrnn::cpu::cached_buffer_bytes);
+  m.def("gemm_routes() -> str[]", &fusedrnn::cpu::gemm_routes);
+  m.def("onednn_route_reason() -> str", &fusedrnn::cpu::onednn_route_reason);
 }
 
 TORCH_LIBRARY_IMPL(fusedrnn, CPU, m) {

@@ -1,14 +1,16 @@
 // Sequence loops for every cell. Each thread owns a block of rows and runs the whole time loop
-// for it: per step one recurrent GEMM (ATen -> MKL) into preallocated buffers and one fused,
-// vectorized pointwise pass from csrc/cells/*.h. Only rows [0, batch_sizes[t]) of step t are
-// touched, so packed input runs natively.
+// for it: per step the recurrent GEMM and the fused, vectorized pointwise pass from
+// csrc/cells/*.h, by one of two GEMM routes (GemmRoute). Only rows [0, batch_sizes[t]) of step
+// t are touched, so packed input runs natively.
 #include "cpu/sequence.h"
 
 #include "cpu/buffer_cache.h"
 
 // Only the ATen operators used, not ATen/ATen.h: the build parses these headers once per unit.
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
@@ -17,7 +19,13 @@
 #include <c10/core/GradMode.h>
 
 #include <algorithm>
+#include <chrono>
+#include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
+#include <sstream>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 
@@ -223,6 +231,84 @@ std::pair<int64_t, int64_t> block_rows(const std::vector<Block>& blocks) {
   return {max_rows, min_rows};
 }
 
+// The forward's recurrent GEMM route. kMkl: per step one MKL GEMM over the block's rows into
+// the gate buffer, then one pointwise pass over it. kOnednnTiles: per step and tile of
+// kTileUnits hidden units, oneDNN's brgemm micro-kernel (JIT-compiled for this CPU) computes
+// the tile's G gate columns and the pointwise pass runs on them while they are still in cache.
+// Which is faster depends on the shape and the machine (on an Intel Xeon: tiles for small
+// hidden sizes over many steps, MKL for wide layers and few rows), so it is measured per shape
+// at first use (choose_route) unless FUSEDRNN_CPU_GEMM names one. Float32 only for tiles.
+enum class GemmRoute { kMkl, kOnednnTiles };
+
+const char* route_name(GemmRoute r) { return r == GemmRoute::kMkl ? "mkl" : "onednn"; }
+
+// A route forced by FUSEDRNN_CPU_GEMM ("mkl" or "onednn"); unset or "auto": measure.
+c10::optional<GemmRoute> forced_route() {
+  const char* v = std::getenv("FUSEDRNN_CPU_GEMM");
+  if (v == nullptr || *v == 0 || std::strcmp(v, "auto") == 0) return c10::nullopt;
+  if (std::strcmp(v, "mkl") == 0) return GemmRoute::kMkl;
+  if (std::strcmp(v, "onednn") == 0) return GemmRoute::kOnednnTiles;
+  TORCH_CHECK(false, "fusedrnn: FUSEDRNN_CPU_GEMM must be mkl, onednn or auto, got '", v, "'");
+}
+
+constexpr int64_t kTileUnits = 64;
+
+// c[m, n] (row stride ldc) = a[m, k] (contiguous rows) b[k, n] (contiguous rows).
+template <typename T>
+void tile_gemm(int64_t m, int64_t n, int64_t k, const T* a, const T* b, T* c, int64_t ldc) {
+  if constexpr (std::is_same<T, float>::value)
+    at::native::cpublas::brgemm(m, n, k, k, n, ldc, /*add_C=*/false, a, b, c, /*is_vnni=*/false);
+  else
+    TORCH_CHECK(false, "fusedrnn: the onednn GEMM route is float32 only");
+}
+
+// Why the onednn route cannot run here ("" when it can): torch runs oneDNN's brgemm only where
+// oneDNN is enabled (torch.backends.mkldnn) and the CPU has at least AVX2; it raises otherwise.
+std::string onednn_unavailable_reason() {
+  if (!at::globalContext().userEnabledMkldnn()) return "torch.backends.mkldnn is disabled";
+  static const std::string probe = [] {
+    try {
+      float a = 1, b = 1, c = 0;
+      at::native::cpublas::brgemm(1, 1, 1, 1, 1, 1, false, &a, &b, &c, false);
+      at::native::cpublas::brgemm_release(false);
+      return c == 1 ? std::string() : std::string("oneDNN's brgemm gave a wrong 1x1 product");
+    } catch (const c10::Error& e) {
+      return std::string(e.what_without_backtrace());
+    }
+  }();
+  return probe;
+}
+
+// The measured choices, one per layer shape and thread count, kept for the process (like
+// cuDNN's benchmark mode).
+using RouteKey = std::tuple<std::string, int64_t, int64_t, int64_t, bool, int>;  // cell, B, H, Hout, proj, threads
+struct RouteRecord {
+  GemmRoute route;
+  double mkl_us, onednn_us;  // per step, the best of the rounds
+};
+
+struct RouteTable {
+  std::mutex lock;
+  std::map<RouteKey, RouteRecord> records;
+};
+
+RouteTable& route_table() {
+  static RouteTable* table = new RouteTable();  // never destroyed: ops may run at exit
+  return *table;
+}
+
+c10::optional<GemmRoute> recorded_route(const RouteKey& key) {
+  std::lock_guard<std::mutex> guard(route_table().lock);
+  const auto found = route_table().records.find(key);
+  if (found == route_table().records.end()) return c10::nullopt;
+  return found->second.route;
+}
+
+template <typename T>
+T* at_row(T* p, int64_t offset) {
+  return p == nullptr ? nullptr : p + offset;
+}
+
 template <typename Cell, typename T>
 struct Kernel {
   static constexpr int G = Cell::kGates, S = Cell::kSaved;
@@ -231,9 +317,10 @@ struct Kernel {
   // kProj: h goes to proj_in (multiplied by W_hr afterwards) instead of to y and the state.
   // kSave: write the activations backward needs (inference skips those stores).
   template <bool kProj, bool kSave>
+  // Units [j0, j1) of each row (a tile; all units: 0, H).
   static void pointwise_forward(int64_t n, int64_t H, const T* xg, const T* hg, const T* bias_x,
                                 const T* bias_h, T* h_state, T* c_state, T* save, T* y,
-                                T* proj_in) {
+                                T* proj_in, int64_t j0, int64_t j1) {
     for (int64_t b = 0; b < n; ++b) {
       const T* __restrict__ xr = xg + b * G * H;
       const T* __restrict__ hr = hg + b * G * H;
@@ -244,7 +331,7 @@ struct Kernel {
       if constexpr (kProj) {
         T* __restrict__ pr = proj_in + b * H;
 #pragma omp simd
-        for (int64_t j = 0; j < H; ++j) {
+        for (int64_t j = j0; j < j1; ++j) {
           T c = cr[j];
           pr[j] = Cell::template forward<kSave>(xr, hr, bx, bh, H, j, T(0), c, sr);
           cr[j] = c;
@@ -253,7 +340,7 @@ struct Kernel {
         T* hs = h_state + b * H;
         T* __restrict__ yr = y + b * H;
 #pragma omp simd
-        for (int64_t j = 0; j < H; ++j) {
+        for (int64_t j = j0; j < j1; ++j) {
           T c = Cell::kCellState ? cr[j] : T(0);
           const T h = Cell::template forward<kSave>(xr, hr, bx, bh, H, j, hs[j], c, sr);
           if constexpr (Cell::kCellState) cr[j] = c;
@@ -267,7 +354,7 @@ struct Kernel {
   static std::vector<Tensor> forward(const Tensor& xp, const Steps& steps, const Tensor& h0,
                                      const Tensor& c0, const Tensor& w_hh, const Tensor& bias_x,
                                      const Tensor& bias_h, const Tensor& w_hr, bool reverse,
-                                     bool train) {
+                                     bool train, GemmRoute route) {
     const int64_t rows = xp.size(0), B = h0.size(0), H = w_hh.size(0) / G;
     const int64_t Hout = h0.size(1);
     const bool proj = w_hr.defined();
@@ -285,9 +372,27 @@ struct Kernel {
     const int64_t step_flops = 2 * B * Hout * G * H;
     const std::vector<Block> blocks = row_blocks(steps);
     const auto rows_range = block_rows(blocks);
-    const PackedWeight w_hh_packed = PackedWeight::make<T>(w_hh, /*transpose=*/true,
-                                                           rows_range.first, rows_range.second,
-                                                           steps.count());
+    const bool tiles = route == GemmRoute::kOnednnTiles;
+    const PackedWeight w_hh_packed =
+        tiles ? PackedWeight()
+              : PackedWeight::make<T>(w_hh, /*transpose=*/true, rows_range.first,
+                                      rows_range.second, steps.count());
+    // Tiles: W_hh^T packed once per call, one contiguous [Hout, units] panel per tile and gate,
+    // in the order the tiles read them; they overwrite h as they go, so the GEMMs read this
+    // step's h from a copy (h_prev when training).
+    Tensor w_panels = cached_empty({tiles ? G * H : 0, Hout}, opts);
+    for (int64_t u0 = 0; tiles && u0 < H; u0 += kTileUnits) {
+      const int64_t units = std::min(H - u0, kTileUnits);
+      for (int64_t g = 0; g < G; ++g)
+        w_panels.narrow(0, G * u0 + g * units, units)
+            .view({Hout, units})
+            .copy_(w_hh.narrow(0, g * H + u0, units).t());
+    }
+    Tensor h_copy = cached_empty({tiles && !train ? B : 0, Hout}, opts);
+    auto* const pointwise = proj ? (train ? pointwise_forward<true, true>
+                                          : pointwise_forward<true, false>)
+                                 : (train ? pointwise_forward<false, true>
+                                          : pointwise_forward<false, false>);
     for_each_block(blocks, step_flops, [&](const Block& blk) {
       c10::NoGradGuard no_grad;  // worker threads start with grad mode on
       const int64_t r0 = blk.begin;
@@ -296,7 +401,6 @@ struct Kernel {
         if (n <= r0) continue;
         const int64_t nb = std::min(n, blk.end) - r0, row = steps.offset[t] + r0;
         Tensor h_blk = h_state.narrow(0, r0, nb), hg_blk = hg.narrow(0, r0, nb);
-        w_hh_packed.mm_out(hg_blk, h_blk, w_hh_t);
         if (train) {
           std::memcpy(ptr<T>(h_prev) + row * Hout, ptr<T>(h_blk), nb * Hout * sizeof(T));
           if (Cell::kCellState)
@@ -305,24 +409,86 @@ struct Kernel {
         const int64_t save_row = train ? row : r0;  // proj_in is scratch in inference
         T* save = train ? ptr<T>(act) + row * S * H : nullptr;
         const T* xg = ptr<T>(xp) + row * G * H;
+        T* hg_rows = ptr<T>(hg_blk);
         T* c_blk = Cell::kCellState ? ptr<T>(c_state) + r0 * H : nullptr;
-        if (proj) {
-          Tensor pin = proj_in.narrow(0, save_row, nb), y_blk = y.narrow(0, row, nb);
-          (train ? pointwise_forward<true, true> : pointwise_forward<true, false>)(
-              nb, H, xg, ptr<T>(hg_blk), ptr<T>(bias_x), ptr<T>(bias_h), nullptr, c_blk, save,
-              nullptr, ptr<T>(pin));
-          at::mm_out(y_blk, pin, w_hr_t);
-          h_blk.copy_(y_blk);
+        T* pin = proj ? ptr<T>(proj_in) + save_row * H : nullptr;
+        T* h_out = proj ? nullptr : ptr<T>(h_blk);
+        T* y_out = proj ? nullptr : ptr<T>(y) + row * H;
+        if (tiles) {
+          T* h_in = train ? ptr<T>(h_prev) + row * Hout : ptr<T>(h_copy) + r0 * Hout;
+          if (!train) std::memcpy(h_in, ptr<T>(h_blk), nb * Hout * sizeof(T));
+          for (int64_t u0 = 0; u0 < H; u0 += kTileUnits) {
+            const int64_t units = std::min(H - u0, kTileUnits);
+            for (int64_t g = 0; g < G; ++g)
+              tile_gemm(nb, units, Hout, h_in, ptr<T>(w_panels) + (G * u0 + g * units) * Hout,
+                        hg_rows + g * H + u0, G * H);
+            pointwise(nb, H, xg, hg_rows, ptr<T>(bias_x), ptr<T>(bias_h), h_out, c_blk, save,
+                      y_out, pin, u0, u0 + units);
+          }
         } else {
-          (train ? pointwise_forward<false, true> : pointwise_forward<false, false>)(
-              nb, H, xg, ptr<T>(hg_blk), ptr<T>(bias_x), ptr<T>(bias_h), ptr<T>(h_blk), c_blk,
-              save, ptr<T>(y) + row * H, nullptr);
+          w_hh_packed.mm_out(hg_blk, h_blk, w_hh_t);
+          pointwise(nb, H, xg, hg_rows, ptr<T>(bias_x), ptr<T>(bias_h), h_out, c_blk, save,
+                    y_out, pin, 0, H);
+        }
+        if (proj) {
+          Tensor y_blk = y.narrow(0, row, nb);
+          at::mm_out(y_blk, proj_in.narrow(0, save_row, nb), w_hr_t);
+          h_blk.copy_(y_blk);
         }
       }
+      if (tiles) at::native::cpublas::brgemm_release(/*is_vnni=*/false);
     });
     if (!train)  // distinct empties: no two outputs of an op may alias (torch.compile)
       for (Tensor* t : {&act, &h_prev, &c_prev, &proj_in}) *t = at::empty({0}, opts);
     return {y, h_state, c_state, act, h_prev, c_prev, proj_in};
+  }
+
+  // The forward's GEMM route for a call: forced, the only one (float64), recorded for its
+  // shape, or measured now: both routes run the call's first steps (inference, on its own
+  // input), interleaved, best of three rounds.
+  static GemmRoute choose_route(const std::string& cell, const Tensor& xp, const Steps& steps,
+                                const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
+                                const Tensor& bias_x, const Tensor& bias_h, const Tensor& w_hr) {
+    if (!std::is_same<T, float>::value) return GemmRoute::kMkl;
+    const std::string unavailable = onednn_unavailable_reason();
+    if (const auto forced = forced_route()) {
+      TORCH_CHECK(*forced == GemmRoute::kMkl || unavailable.empty(),
+                  "fusedrnn: FUSEDRNN_CPU_GEMM=onednn, but it cannot run here: ", unavailable);
+      return *forced;
+    }
+    if (!unavailable.empty()) return GemmRoute::kMkl;
+    const RouteKey key{cell, steps.size[0], w_hh.size(0) / G, h0.size(1), w_hr.defined(),
+                       at::get_num_threads()};
+    if (const auto known = recorded_route(key)) return *known;
+    constexpr int64_t kProbeSteps = 16;
+    Steps head;
+    int64_t rows = 0;
+    for (int64_t t = 0; t < std::min(steps.count(), kProbeSteps); ++t) {
+      head.size.push_back(steps.size[t]);
+      head.offset.push_back(steps.offset[t]);
+      rows += steps.size[t];
+    }
+    const Tensor xp_head = xp.narrow(0, 0, rows);
+    auto step_us = [&](GemmRoute route, int reps) {
+      const auto start = std::chrono::steady_clock::now();
+      for (int r = 0; r < reps; ++r)
+        forward(xp_head, head, h0, c0, w_hh, bias_x, bias_h, w_hr, false, false, route);
+      return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start)
+                 .count() / (reps * head.count());
+    };
+    step_us(GemmRoute::kMkl, 1), step_us(GemmRoute::kOnednnTiles, 1);  // warm: buffers, the JIT
+    // Rounds of at least ~1 ms each, so that a small layer's probe is not one timer tick.
+    const double first = step_us(GemmRoute::kMkl, 1) * head.count();
+    const int reps = static_cast<int>(std::clamp(1000.0 / std::max(first, 1.0), 1.0, 64.0));
+    double mkl_us = 1e300, onednn_us = 1e300;
+    for (int round = 0; round < 3; ++round) {
+      mkl_us = std::min(mkl_us, step_us(GemmRoute::kMkl, reps));
+      onednn_us = std::min(onednn_us, step_us(GemmRoute::kOnednnTiles, reps));
+    }
+    const GemmRoute route = onednn_us < mkl_us ? GemmRoute::kOnednnTiles : GemmRoute::kMkl;
+    std::lock_guard<std::mutex> guard(route_table().lock);
+    route_table().records[key] = {route, mkl_us, onednn_us};
+    return route;
   }
 
   // One step's pointwise backward on `n` consecutive rows (pointers at the first row). dh of
@@ -508,6 +674,23 @@ std::vector<int64_t> cell_traits(const std::string& cell) {
   return traits;
 }
 
+std::string onednn_route_reason() { return onednn_unavailable_reason(); }
+
+std::vector<std::string> gemm_routes() {
+  std::vector<std::string> out;
+  std::lock_guard<std::mutex> guard(route_table().lock);
+  for (const auto& [key, record] : route_table().records) {
+    const auto& [cell, B, H, Hout, proj, threads] = key;
+    std::ostringstream line;
+    line << cell << " batch " << B << " hidden " << H;
+    if (proj) line << " proj " << Hout;
+    line << ", " << threads << " threads: " << route_name(record.route) << " (per step: mkl "
+         << record.mkl_us << " us, onednn " << record.onednn_us << " us)";
+    out.push_back(line.str());
+  }
+  return out;
+}
+
 Tensor mm_rows(const Tensor& a, const Tensor& b) {
   check_gemm_operands("fusedrnn::mm_rows", a, b,
                       a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0));
@@ -566,8 +749,10 @@ std::vector<Tensor> sequence_forward(const std::string& cell, const Tensor& xp,
       check_absent(op, "c0", cc0, "for a cell without a cell state");
     auto or_zeros = [&](const Tensor& b) { return b.defined() ? b : at::zeros({G * H}, xp.options()); };
     AT_DISPATCH_FLOATING_TYPES(dtype, "fusedrnn_sequence_forward", [&] {
-      out = Kernel<Cell, scalar_t>::forward(xp, steps, h0, cc0, w_hh, or_zeros(bx), or_zeros(bh),
-                                            wr, reverse, train);
+      using K = Kernel<Cell, scalar_t>;
+      const Tensor bias_x = or_zeros(bx), bias_h = or_zeros(bh);
+      const GemmRoute route = K::choose_route(cell, xp, steps, h0, cc0, w_hh, bias_x, bias_h, wr);
+      out = K::forward(xp, steps, h0, cc0, w_hh, bias_x, bias_h, wr, reverse, train, route);
     });
   });
   return out;

@@ -34,6 +34,12 @@ std::vector<at::Tensor> sequence_backward(const std::string& cell, const at::Ten
 std::vector<std::string> cell_names();
 std::vector<int64_t> cell_traits(const std::string& cell);
 
+// The forward GEMM routes chosen so far by measurement (FUSEDRNN_CPU_GEMM unset or "auto"), one
+// line per layer shape: the winner and both measured times per step.
+std::vector<std::string> gemm_routes();
+// Why the onednn GEMM route cannot run on this machine and torch ("" when it can).
+std::string onednn_route_reason();
+
 // The whole-sequence GEMMs: a @ b (input projection, dx) split over rows by hand across the
 // intra-op threads; a^T @ b (weight gradients) as one MKL GEMM in its faster operand order.
 at::Tensor mm_rows(const at::Tensor& a, const at::Tensor& b);

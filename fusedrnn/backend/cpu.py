@@ -8,7 +8,9 @@ sums taken inside the pointwise pass, so no separate reduction runs over the gra
 from __future__ import annotations
 
 import functools
-from typing import Optional, Tuple
+import os
+import platform
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -192,3 +194,42 @@ class CpuBackend(Backend):
 
 
 BACKEND = CpuBackend()
+
+
+# The CPU flags that decide which kernels and GEMM routes a machine can run.
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+             "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def _cpu_model_and_flags() -> Tuple[str, Tuple[str, ...]]:
+    """The CPU's model name and which of ISA_FLAGS it has (from /proc/cpuinfo, as lscpu)."""
+    model, flags = platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model == platform.machine():
+                    model = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return model, tuple(f for f in ISA_FLAGS if f in flags)
+
+
+def cpu_info() -> Dict[str, object]:
+    """What the ``cpu`` backend runs on here and how: the CPU model and ISA, the BLAS, the
+    forward GEMM route setting (``FUSEDRNN_CPU_GEMM``: ``mkl``, ``onednn`` or ``auto``) and the
+    routes measured so far in this process, one line per layer shape."""
+    model, flags = _cpu_model_and_flags()
+    info: Dict[str, object] = {"cpu": model, "isa": " ".join(flags) or "unknown",
+                               "threads": torch.get_num_threads(),
+                               "mkl": torch.backends.mkl.is_available(),
+                               "gemm_route": os.environ.get("FUSEDRNN_CPU_GEMM") or "auto"}
+    if _IMPORT_ERROR is not None:
+        info["unavailable"] = BACKEND.unavailable_reason()
+        return info
+    reason = torch.ops.fusedrnn.onednn_route_reason()
+    info["onednn_route"] = "available" if not reason else f"unavailable: {reason}"
+    info["measured_routes"] = list(torch.ops.fusedrnn.gemm_routes())
+    return info
