@@ -248,6 +248,7 @@ def test_auto_picks_cpu_and_falls_back():
     cell = CELLS["lstm"]
     cpu = torch.device("cpu")
     assert dispatch.select("auto", LayerSpec(cpu, torch.float32, cell, 8)).name == "cpu"
+    assert dispatch.select("auto", LayerSpec(cpu, torch.bfloat16, cell, 8)).name == "cpu"
     assert dispatch.select("auto", LayerSpec(cpu, torch.float16, cell, 8)).name == "reference"
     with pytest.raises(dispatch.BackendUnavailableError, match="float16"):
         dispatch.select("cpu", LayerSpec(cpu, torch.float16, cell, 8))
@@ -351,5 +352,55 @@ def test_cpu_info_reports_the_machine_and_measured_routes(monkeypatch):
     info = fusedrnn.cpu_info()
     assert info["gemm_route"] == "auto" and info["threads"] == torch.get_num_threads()
     assert info["cpu"] and info["isa"]
+    assert info["onednn_route"].startswith(("available", "unavailable: "))
+    assert info["bf16_route"].startswith(("available", "unavailable: "))
     assert any(line.startswith(f"rnn_tanh batch 2 hidden {hidden},") and
                (": mkl (" in line or ": onednn (" in line) for line in info["measured_routes"])
+
+
+def _bf16_run(model, seqs, dtype):
+    """Outputs, states, input and parameter gradients of one packed call, as float64."""
+    xs = [s.to(dtype).requires_grad_() for s in seqs]
+    out, hidden = model(pack_sequence(xs, enforce_sorted=False))
+    states = hidden if isinstance(hidden, tuple) else (hidden,)
+    weight = torch.linspace(-1, 1, out.data.numel(), dtype=torch.float64).view_as(out.data)
+    ((out.data.double() * weight).sum() + sum((s.double() ** 2).sum() for s in states)).backward()
+    return [t.double() for t in (out.data, *states, *[x.grad for x in xs],
+                                 *[p.grad for p in model.parameters()])]
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "LSTM-proj", "GRU", "RNN"])
+@pytest.mark.parametrize("hidden", [7, 100], ids=["H7", "H100"])
+def test_bfloat16_matches_float64_normwise(rng, two_threads, kind, hidden):
+    """A bfloat16 module (step GEMMs on bf16 operands, states and gates in float32) against
+    float64 torch.nn, normwise per tensor at 2e-2: 2 layers, bidirectional, packed unsorted;
+    hidden 7 (odd K, padded for the VNNI layout) and 100 (a full 64-unit tile and a partial
+    one). torch.nn's own bf16 layers measure 0.8-3.3e-2 here."""
+    mode, _, extra = kind.partition("-")
+    kwargs = dict(num_layers=2, bidirectional=True, **({"proj_size": 3} if extra else {}))
+    ref = getattr(nn, mode)(6, hidden, dtype=torch.float64, **kwargs)
+    fused = getattr(fusedrnn, mode)(6, hidden, backend="cpu", **kwargs)
+    fused.load_state_dict(ref.state_dict())
+    fused.bfloat16()
+    seqs = [torch.randn(rng.randint(1, 8), 6, dtype=torch.float64) * 0.5 for _ in range(35)]
+    for i, (a, b) in enumerate(zip(_bf16_run(fused, seqs, torch.bfloat16),
+                                   _bf16_run(ref, seqs, torch.float64))):
+        err, scale = (a - b).abs().max().item(), b.abs().max().item()
+        assert err <= 2e-2 * scale + 1e-6, f"{kind} tensor {i}: {err:.3g} > 2e-2 x {scale:.3g}"
+
+
+def test_bfloat16_runs_its_step_gemms_in_bfloat16(rng, monkeypatch):
+    """The bf16 weights reach the kernels (outputs and dtypes bf16, inference too), and the step
+    GEMMs take bf16 operands: the answer differs from the float32 GEMMs on the widened weights
+    (FUSEDRNN_CPU_GEMM=mkl), and both are close."""
+    if torch.ops.fusedrnn.bf16_route_reason():
+        pytest.skip(f"no bf16 brgemm here: {torch.ops.fusedrnn.bf16_route_reason()}")
+    lstm = fusedrnn.LSTM(10, 40, backend="cpu").bfloat16()
+    x = (torch.randn(12, 20, 10) * 0.5).bfloat16()
+    with torch.no_grad():
+        y, (h, c) = lstm(x)
+        monkeypatch.setenv("FUSEDRNN_CPU_GEMM", "mkl")
+        y_wide = lstm(x)[0]
+    assert y.dtype == h.dtype == c.dtype == torch.bfloat16
+    assert not torch.equal(y, y_wide)
+    assert (y.float() - y_wide.float()).abs().max() < 2e-2

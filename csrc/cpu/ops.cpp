@@ -20,6 +20,7 @@ TORCH_LIBRARY(fusedrnn, m) {
   m.def("cached_buffer_bytes() -> int[]", &fusedrnn::cpu::cached_buffer_bytes);
   m.def("gemm_routes() -> str[]", &fusedrnn::cpu::gemm_routes);
   m.def("onednn_route_reason() -> str", &fusedrnn::cpu::onednn_route_reason);
+  m.def("bf16_route_reason() -> str", &fusedrnn::cpu::bf16_route_reason);
 }
 
 TORCH_LIBRARY_IMPL(fusedrnn, CPU, m) {

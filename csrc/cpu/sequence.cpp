@@ -253,14 +253,76 @@ c10::optional<GemmRoute> forced_route() {
 
 constexpr int64_t kTileUnits = 64;
 
-// c[m, n] (row stride ldc) = a[m, k] (contiguous rows) b[k, n] (contiguous rows).
-template <typename T>
-void tile_gemm(int64_t m, int64_t n, int64_t k, const T* a, const T* b, T* c, int64_t ldc) {
-  if constexpr (std::is_same<T, float>::value)
-    at::native::cpublas::brgemm(m, n, k, k, n, ldc, /*add_C=*/false, a, b, c, /*is_vnni=*/false);
-  else
-    TORCH_CHECK(false, "fusedrnn: the onednn GEMM route is float32 only");
-}
+// The tiles' GEMM operands for one layer call. `panels`: W_hh^T packed once per call, one
+// [k, units] panel per tile and gate in the order the tiles read them; `a`: each step's h, copied
+// (the tiles overwrite h as they go). float32, or for a bfloat16 module's weights bf16 (h rounded
+// to bf16 each step, as torch.nn's bf16 layers store it; fp32 accumulation), in the VNNI layout
+// where oneDNN wants it, with K padded to even by a zero row and column.
+struct TileOperands {
+  bool bf16 = false, vnni = false;
+  int64_t k = 0, G = 0, H = 0;
+  Tensor panels, a;
+
+  static TileOperands make(const Tensor& w_hh, int64_t G, int64_t B, const at::TensorOptions& opts) {
+    TileOperands t;
+    t.bf16 = w_hh.scalar_type() == at::kBFloat16;
+    t.vnni = t.bf16 && at::native::cpublas::could_pack(at::kBFloat16);
+    t.G = G, t.H = w_hh.size(0) / G;
+    const int64_t Hout = w_hh.size(1);
+    t.k = t.vnni ? (Hout + 1) / 2 * 2 : Hout;
+    const auto type = t.bf16 ? opts.dtype(at::kBFloat16) : opts.dtype(at::kFloat);
+    const int64_t last = (t.H - 1) / kTileUnits * kTileUnits;
+    t.panels = cached_empty({G * (last + t.ld(t.H - last)) * t.k}, type);
+    t.a = at::zeros({B, t.k}, type);  // the padding column stays zero
+    for (int64_t u0 = 0; u0 < t.H; u0 += kTileUnits) {
+      const int64_t units = std::min(t.H - u0, kTileUnits), ld = t.ld(units);
+      for (int64_t g = 0; g < G; ++g) {
+        Tensor panel = t.panels.narrow(0, t.panel(u0, g), t.k * ld).view({t.k, ld});
+        const Tensor w_t = w_hh.narrow(0, g * t.H + u0, units).t();  // [Hout, units]
+        if (!t.vnni) {
+          panel.copy_(w_t);
+          continue;
+        }
+        Tensor src = at::zeros({t.k, ld}, type);
+        src.narrow(0, 0, Hout).narrow(1, 0, units).copy_(w_t);
+        at::native::cpublas::pack(t.k, ld, ld, ld, at::kBFloat16, at::kBFloat16, src.data_ptr(),
+                                  panel.data_ptr());
+      }
+    }
+    return t;
+  }
+
+  // A panel's row stride: oneDNN packs VNNI panels 16, 32, 48 or 64 columns wide.
+  int64_t ld(int64_t units) const { return vnni ? (units + 15) / 16 * 16 : units; }
+  // Offset of gate g's panel of the tile starting at unit u0 (only the last tile is narrower).
+  int64_t panel(int64_t u0, int64_t g) const {
+    return (G * u0 + g * ld(std::min(H - u0, kTileUnits))) * k;
+  }
+
+  // Rows [r0, r0 + n) of a = h (float32, Hout wide).
+  void load_h(int64_t r0, int64_t n, const float* h, int64_t Hout) {
+    if (!bf16) {
+      std::memcpy(a.data_ptr<float>() + r0 * k, h, n * Hout * sizeof(float));
+      return;
+    }
+    at::BFloat16* out = a.data_ptr<at::BFloat16>() + r0 * k;
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t j = 0; j < Hout; ++j) out[r * k + j] = at::BFloat16(h[r * Hout + j]);
+  }
+
+  // c[n, units] (row stride ldc) = rows [r0, r0 + n) of a times gate g's panel of tile u0.
+  void gemm(int64_t r0, int64_t n, int64_t u0, int64_t g, float* c, int64_t ldc) const {
+    const int64_t units = std::min(H - u0, kTileUnits), at = panel(u0, g);
+    if (bf16)
+      at::native::cpublas::brgemm(n, units, k, k, ld(units), ldc, /*add_C=*/false,
+                                  a.data_ptr<at::BFloat16>() + r0 * k,
+                                  panels.data_ptr<at::BFloat16>() + at, c, vnni);
+    else
+      at::native::cpublas::brgemm(n, units, k, k, units, ldc, /*add_C=*/false,
+                                  a.data_ptr<float>() + r0 * k, panels.data_ptr<float>() + at, c,
+                                  /*is_vnni=*/false);
+  }
+};
 
 // Why the onednn route cannot run here ("" when it can): torch runs oneDNN's brgemm only where
 // oneDNN is enabled (torch.backends.mkldnn) and the CPU has at least AVX2; it raises otherwise.
@@ -272,8 +334,34 @@ std::string onednn_unavailable_reason() {
       at::native::cpublas::brgemm(1, 1, 1, 1, 1, 1, false, &a, &b, &c, false);
       at::native::cpublas::brgemm_release(false);
       return c == 1 ? std::string() : std::string("oneDNN's brgemm gave a wrong 1x1 product");
-    } catch (const c10::Error& e) {
-      return std::string(e.what_without_backtrace());
+    } catch (const std::exception& e) {  // c10::Error, or oneDNN's own
+      return std::string(e.what());
+    }
+  }();
+  return probe;
+}
+
+// Why the tiles cannot take bf16 operands here ("" when they can): oneDNN's bf16 brgemm needs
+// AVX-512 (AVX512_BF16 or AMX to be fast).
+std::string bf16_tiles_unavailable_reason() {
+  const std::string base = onednn_unavailable_reason();
+  if (!base.empty()) return base;
+  static const std::string probe = [] {
+    try {
+      const bool vnni = at::native::cpublas::could_pack(at::kBFloat16);
+      // a [1, 2] times b [2, 16] (b's first column 3, 4): the narrowest panel the tiles pack
+      std::vector<at::BFloat16> a = {1, 2}, b(32, 0), packed(32, 0);
+      b[0] = 3, b[16] = 4;
+      std::vector<float> c(16, 0);
+      if (vnni)
+        at::native::cpublas::pack(2, 16, 16, 16, at::kBFloat16, at::kBFloat16, b.data(),
+                                  packed.data());
+      at::native::cpublas::brgemm(1, 16, 2, 2, 16, 16, false, a.data(),
+                                  vnni ? packed.data() : b.data(), c.data(), vnni);
+      at::native::cpublas::brgemm_release(vnni);
+      return c[0] == 11 ? std::string() : std::string("oneDNN's bf16 brgemm gave a wrong product");
+    } catch (const std::exception& e) {
+      return std::string(e.what());
     }
   }();
   return probe;
@@ -372,23 +460,13 @@ struct Kernel {
     const int64_t step_flops = 2 * B * Hout * G * H;
     const std::vector<Block> blocks = row_blocks(steps);
     const auto rows_range = block_rows(blocks);
-    const bool tiles = route == GemmRoute::kOnednnTiles;
+    // A bf16 w_hh (a bfloat16 module) runs the tiles with bf16 operands.
+    const bool tiles = route == GemmRoute::kOnednnTiles || w_hh.scalar_type() == at::kBFloat16;
     const PackedWeight w_hh_packed =
         tiles ? PackedWeight()
               : PackedWeight::make<T>(w_hh, /*transpose=*/true, rows_range.first,
                                       rows_range.second, steps.count());
-    // Tiles: W_hh^T packed once per call, one contiguous [Hout, units] panel per tile and gate,
-    // in the order the tiles read them; they overwrite h as they go, so the GEMMs read this
-    // step's h from a copy (h_prev when training).
-    Tensor w_panels = cached_empty({tiles ? G * H : 0, Hout}, opts);
-    for (int64_t u0 = 0; tiles && u0 < H; u0 += kTileUnits) {
-      const int64_t units = std::min(H - u0, kTileUnits);
-      for (int64_t g = 0; g < G; ++g)
-        w_panels.narrow(0, G * u0 + g * units, units)
-            .view({Hout, units})
-            .copy_(w_hh.narrow(0, g * H + u0, units).t());
-    }
-    Tensor h_copy = cached_empty({tiles && !train ? B : 0, Hout}, opts);
+    TileOperands tile_ops = tiles ? TileOperands::make(w_hh, G, B, opts) : TileOperands();
     auto* const pointwise = proj ? (train ? pointwise_forward<true, true>
                                           : pointwise_forward<true, false>)
                                  : (train ? pointwise_forward<false, true>
@@ -415,15 +493,14 @@ struct Kernel {
         T* h_out = proj ? nullptr : ptr<T>(h_blk);
         T* y_out = proj ? nullptr : ptr<T>(y) + row * H;
         if (tiles) {
-          T* h_in = train ? ptr<T>(h_prev) + row * Hout : ptr<T>(h_copy) + r0 * Hout;
-          if (!train) std::memcpy(h_in, ptr<T>(h_blk), nb * Hout * sizeof(T));
-          for (int64_t u0 = 0; u0 < H; u0 += kTileUnits) {
-            const int64_t units = std::min(H - u0, kTileUnits);
-            for (int64_t g = 0; g < G; ++g)
-              tile_gemm(nb, units, Hout, h_in, ptr<T>(w_panels) + (G * u0 + g * units) * Hout,
-                        hg_rows + g * H + u0, G * H);
-            pointwise(nb, H, xg, hg_rows, ptr<T>(bias_x), ptr<T>(bias_h), h_out, c_blk, save,
-                      y_out, pin, u0, u0 + units);
+          if constexpr (std::is_same<T, float>::value) {
+            tile_ops.load_h(r0, nb, ptr<T>(h_blk), Hout);
+            for (int64_t u0 = 0; u0 < H; u0 += kTileUnits) {
+              for (int64_t g = 0; g < G; ++g)
+                tile_ops.gemm(r0, nb, u0, g, hg_rows + g * H + u0, G * H);
+              pointwise(nb, H, xg, hg_rows, ptr<T>(bias_x), ptr<T>(bias_h), h_out, c_blk, save,
+                        y_out, pin, u0, std::min(H, u0 + kTileUnits));
+            }
           }
         } else {
           w_hh_packed.mm_out(hg_blk, h_blk, w_hh_t);
@@ -436,7 +513,7 @@ struct Kernel {
           h_blk.copy_(y_blk);
         }
       }
-      if (tiles) at::native::cpublas::brgemm_release(/*is_vnni=*/false);
+      if (tiles) at::native::cpublas::brgemm_release(tile_ops.vnni);
     });
     if (!train)  // distinct empties: no two outputs of an op may alias (torch.compile)
       for (Tensor* t : {&act, &h_prev, &c_prev, &proj_in}) *t = at::empty({0}, opts);
@@ -675,6 +752,7 @@ std::vector<int64_t> cell_traits(const std::string& cell) {
 }
 
 std::string onednn_route_reason() { return onednn_unavailable_reason(); }
+std::string bf16_route_reason() { return bf16_tiles_unavailable_reason(); }
 
 std::vector<std::string> gemm_routes() {
   std::vector<std::string> out;
@@ -740,7 +818,15 @@ std::vector<Tensor> sequence_forward(const std::string& cell, const Tensor& xp,
       check_tensor(op, "w_hr", wr, dtype, {-1, H});
     }
     check_tensor(op, "h0", h0, dtype, {B, Hout});
-    check_tensor(op, "w_hh", w_hh, dtype, {G * H, Hout});
+    // float32 with a bf16 w_hh: a bfloat16 module (backend/cpu.py), whose step GEMMs take bf16
+    // operands where oneDNN runs them, else the float32 GEMMs on the widened weight.
+    const bool bf16_weights = dtype == at::kFloat && w_hh.scalar_type() == at::kBFloat16;
+    check_tensor(op, "w_hh", w_hh, bf16_weights ? at::kBFloat16 : dtype, {G * H, Hout});
+    const auto forced = forced_route();
+    const Tensor w = bf16_weights && (!bf16_tiles_unavailable_reason().empty() ||
+                                      forced == GemmRoute::kMkl)
+                         ? w_hh.to(at::kFloat)
+                         : w_hh;
     if (bx.defined()) check_tensor(op, "b_ih", bx, dtype, {G * H});
     if (bh.defined()) check_tensor(op, "b_hh", bh, dtype, {G * H});
     if constexpr (Cell::kCellState)
@@ -751,8 +837,10 @@ std::vector<Tensor> sequence_forward(const std::string& cell, const Tensor& xp,
     AT_DISPATCH_FLOATING_TYPES(dtype, "fusedrnn_sequence_forward", [&] {
       using K = Kernel<Cell, scalar_t>;
       const Tensor bias_x = or_zeros(bx), bias_h = or_zeros(bh);
-      const GemmRoute route = K::choose_route(cell, xp, steps, h0, cc0, w_hh, bias_x, bias_h, wr);
-      out = K::forward(xp, steps, h0, cc0, w_hh, bias_x, bias_h, wr, reverse, train, route);
+      const GemmRoute route = w.scalar_type() == at::kBFloat16
+                                  ? GemmRoute::kOnednnTiles
+                                  : K::choose_route(cell, xp, steps, h0, cc0, w, bias_x, bias_h, wr);
+      out = K::forward(xp, steps, h0, cc0, w, bias_x, bias_h, wr, reverse, train, route);
     });
   });
   return out;

@@ -39,6 +39,8 @@ std::vector<int64_t> cell_traits(const std::string& cell);
 std::vector<std::string> gemm_routes();
 // Why the onednn GEMM route cannot run on this machine and torch ("" when it can).
 std::string onednn_route_reason();
+// Why the tiles cannot run a bfloat16 module's GEMMs in bf16 here ("" when they can).
+std::string bf16_route_reason();
 
 // The whole-sequence GEMMs: a @ b (input projection, dx) split over rows by hand across the
 // intra-op threads; a^T @ b (weight gradients) as one MKL GEMM in its faster operand order.

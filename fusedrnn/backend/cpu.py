@@ -20,7 +20,7 @@ from .reference import run_layer
 from .transforms import (differentiable_vjp, needs_differentiable_backward, plain_function,
                          transformable_function, under_transform)
 
-_DTYPES = (torch.float32, torch.float64)
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 try:
     import fusedrnn._C  # noqa: F401  (registers torch.ops.fusedrnn.*)
@@ -30,10 +30,25 @@ except ImportError as exc:  # extension not built
 
 
 def _forward(cell_name, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, train):
-    """x -> (y, h_n, c_n, *saved); ``train`` False skips every store backward would need."""
+    """x -> (y, h_n, c_n, *saved); ``train`` False skips every store backward would need.
+
+    bfloat16: the input projection is a bf16 GEMM; the kernels get everything else widened to
+    float32 but ``w_hh``, whose bf16 tells them to run the step GEMMs on bf16 operands with fp32
+    accumulation (csrc/cpu/sequence.cpp, TileOperands). States, gates and what backward reads
+    stay float32; the outputs are rounded to bf16."""
+    if x.dtype == torch.bfloat16:
+        xp = (x if w_ih is None else torch.mm(x, w_ih.t())).float()
+        h0, c0, b_ih, b_hh, w_hr = _widened(h0, c0, b_ih, b_hh, w_hr)
+        y, h_n, c_n, *saved = torch.ops.fusedrnn.sequence_forward(
+            cell_name, xp, batch_sizes, h0, c0, w_hh, b_ih, b_hh, w_hr, reverse, train)
+        return (y.bfloat16(), h_n.bfloat16(), c_n.bfloat16(), *saved)
     xp = x if w_ih is None else torch.ops.fusedrnn.mm_rows(x, w_ih.t())
     return torch.ops.fusedrnn.sequence_forward(cell_name, xp, batch_sizes, h0, c0, w_hh, b_ih,
                                                b_hh, w_hr, reverse, train)
+
+
+def _widened(*tensors):
+    return [None if t is None else t.float() for t in tensors]
 
 
 def _reference(cell_name, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
@@ -57,6 +72,10 @@ def _backward(ctx, grad_y, grad_hn, grad_cn, *_):
         inputs = (ctx.cell_name, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
                   ctx.reverse)
         return tuple(differentiable_vjp(_reference, inputs, (grad_y, grad_hn, grad_cn)))
+    low = x.dtype == torch.bfloat16  # the backward runs in float32, its results rounded
+    if low:
+        x, h0, c0, w_ih, w_hh, w_hr, grad_y, grad_hn, grad_cn = _widened(
+            x, h0, c0, w_ih, w_hh, w_hr, grad_y, grad_hn, grad_cn)
     grad_y = x.new_zeros(x.shape[0], h0.shape[1]) if grad_y is None else grad_y.contiguous()
     grad_hn = torch.zeros_like(h0) if grad_hn is None else grad_hn.contiguous()
     if has_c:
@@ -70,9 +89,10 @@ def _backward(ctx, grad_y, grad_hn, grad_cn, *_):
     else:
         dx = torch.ops.fusedrnn.mm_rows(dxp, w_ih) if need[1] else None
         dw_ih = torch.ops.fusedrnn.mm_tn(dxp, x) if need[5] else None
-    return (None, dx, None, dh0, dc0 if has_c else None, dw_ih, dw_hh,
-            db_ih if need[7] else None, db_hh if need[8] else None,
-            dw_hr if w_hr is not None else None, None)
+    grads = (None, dx, None, dh0, dc0 if has_c else None, dw_ih, dw_hh,
+             db_ih if need[7] else None, db_hh if need[8] else None,
+             dw_hr if w_hr is not None else None, None)
+    return tuple(None if g is None else g.bfloat16() for g in grads) if low else grads
 
 
 def _forward_saving(cell_name, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
@@ -176,7 +196,7 @@ class CpuBackend(Backend):
         if spec.device.type != "cpu":
             return f"runs on CPU tensors only, not {spec.device.type}"
         if spec.dtype not in _DTYPES:
-            return f"supports float32 and float64, not {spec.dtype}"
+            return f"supports float32, float64 and bfloat16, not {spec.dtype}"
         return (built_cell_reason(spec.cell, _cpp_traits(spec.cell.name), "C++")
                 or super().unsupported_reason(spec))
 
@@ -219,8 +239,9 @@ def _cpu_model_and_flags() -> Tuple[str, Tuple[str, ...]]:
 
 def cpu_info() -> Dict[str, object]:
     """What the ``cpu`` backend runs on here and how: the CPU model and ISA, the BLAS, the
-    forward GEMM route setting (``FUSEDRNN_CPU_GEMM``: ``mkl``, ``onednn`` or ``auto``) and the
-    routes measured so far in this process, one line per layer shape."""
+    forward GEMM route setting (``FUSEDRNN_CPU_GEMM``: ``mkl``, ``onednn`` or ``auto``), whether
+    the oneDNN tiles can run (float32, and bf16 operands for a bfloat16 module) and the routes
+    measured so far in this process, one line per layer shape."""
     model, flags = _cpu_model_and_flags()
     info: Dict[str, object] = {"cpu": model, "isa": " ".join(flags) or "unknown",
                                "threads": torch.get_num_threads(),
@@ -229,7 +250,8 @@ def cpu_info() -> Dict[str, object]:
     if _IMPORT_ERROR is not None:
         info["unavailable"] = BACKEND.unavailable_reason()
         return info
-    reason = torch.ops.fusedrnn.onednn_route_reason()
-    info["onednn_route"] = "available" if not reason else f"unavailable: {reason}"
+    for key, reason in (("onednn_route", torch.ops.fusedrnn.onednn_route_reason()),
+                        ("bf16_route", torch.ops.fusedrnn.bf16_route_reason())):
+        info[key] = "available" if not reason else f"unavailable: {reason}"
     info["measured_routes"] = list(torch.ops.fusedrnn.gemm_routes())
     return info
