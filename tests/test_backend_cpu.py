@@ -360,7 +360,7 @@ def test_cpu_info_reports_the_machine_and_measured_routes(monkeypatch):
 
 def _bf16_run(model, seqs, dtype):
     """Outputs, states, input and parameter gradients of one packed call, as float64."""
-    xs = [s.to(dtype).requires_grad_() for s in seqs]
+    xs = [s.detach().to(dtype).requires_grad_() for s in seqs]
     out, hidden = model(pack_sequence(xs, enforce_sorted=False))
     states = hidden if isinstance(hidden, tuple) else (hidden,)
     weight = torch.linspace(-1, 1, out.data.numel(), dtype=torch.float64).view_as(out.data)
@@ -404,3 +404,17 @@ def test_bfloat16_runs_its_step_gemms_in_bfloat16(rng, monkeypatch):
     assert y.dtype == h.dtype == c.dtype == torch.bfloat16
     assert not torch.equal(y, y_wide)
     assert (y.float() - y_wide.float()).abs().max() < 2e-2
+
+
+def test_bfloat16_without_onednn_widens_the_weights(rng, monkeypatch):
+    """With oneDNN off (or forced mkl) a bfloat16 module's step GEMMs run in float32 on the
+    widened weights: still within 2e-2 normwise of float64."""
+    ref = nn.GRU(5, 20, dtype=torch.float64)
+    fused = fusedrnn.GRU(5, 20, backend="cpu")
+    fused.load_state_dict(ref.state_dict())
+    fused.bfloat16()
+    seqs = [torch.randn(rng.randint(1, 6), 5, dtype=torch.float64) * 0.5 for _ in range(9)]
+    expected = _bf16_run(ref, seqs, torch.float64)
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    for i, (a, b) in enumerate(zip(_bf16_run(fused, seqs, torch.bfloat16), expected)):
+        assert (a - b).abs().max() <= 2e-2 * b.abs().max() + 1e-6, f"tensor {i}"

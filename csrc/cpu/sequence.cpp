@@ -253,76 +253,88 @@ c10::optional<GemmRoute> forced_route() {
 
 constexpr int64_t kTileUnits = 64;
 
-// The tiles' GEMM operands for one layer call. `panels`: W_hh^T packed once per call, one
-// [k, units] panel per tile and gate in the order the tiles read them; `a`: each step's h, copied
-// (the tiles overwrite h as they go). float32, or for a bfloat16 module's weights bf16 (h rounded
-// to bf16 each step, as torch.nn's bf16 layers store it; fp32 accumulation), in the VNNI layout
-// where oneDNN wants it, with K padded to even by a zero row and column.
-struct TileOperands {
+// A GEMM c = a b cut into column panels of b, each run by oneDNN's brgemm micro-kernel: `b`
+// ([K, N], any strides) is packed once per layer call, one contiguous [k, width] panel per
+// listed column range in list order; `a` is a scratch of rows that each step loads (a copy:
+// the forward's tiles overwrite h as they go). float32, or for a bfloat16 module's weights bf16
+// operands with fp32 accumulation, in the VNNI layout where oneDNN wants it (K padded to even
+// with a zero row and column, panels 16-64 columns wide).
+struct PanelGemm {
   bool bf16 = false, vnni = false;
-  int64_t k = 0, G = 0, H = 0;
+  int64_t k = 0;                      // K as the GEMMs see it
+  std::vector<int64_t> at, width, ld;  // per panel: offset in `panels`, columns, row stride
   Tensor panels, a;
 
-  static TileOperands make(const Tensor& w_hh, int64_t G, int64_t B, const at::TensorOptions& opts) {
-    TileOperands t;
-    t.bf16 = w_hh.scalar_type() == at::kBFloat16;
-    t.vnni = t.bf16 && at::native::cpublas::could_pack(at::kBFloat16);
-    t.G = G, t.H = w_hh.size(0) / G;
-    const int64_t Hout = w_hh.size(1);
-    t.k = t.vnni ? (Hout + 1) / 2 * 2 : Hout;
-    const auto type = t.bf16 ? opts.dtype(at::kBFloat16) : opts.dtype(at::kFloat);
-    const int64_t last = (t.H - 1) / kTileUnits * kTileUnits;
-    t.panels = cached_empty({G * (last + t.ld(t.H - last)) * t.k}, type);
-    t.a = at::zeros({B, t.k}, type);  // the padding column stays zero
-    for (int64_t u0 = 0; u0 < t.H; u0 += kTileUnits) {
-      const int64_t units = std::min(t.H - u0, kTileUnits), ld = t.ld(units);
-      for (int64_t g = 0; g < G; ++g) {
-        Tensor panel = t.panels.narrow(0, t.panel(u0, g), t.k * ld).view({t.k, ld});
-        const Tensor w_t = w_hh.narrow(0, g * t.H + u0, units).t();  // [Hout, units]
-        if (!t.vnni) {
-          panel.copy_(w_t);
-          continue;
-        }
-        Tensor src = at::zeros({t.k, ld}, type);
-        src.narrow(0, 0, Hout).narrow(1, 0, units).copy_(w_t);
-        at::native::cpublas::pack(t.k, ld, ld, ld, at::kBFloat16, at::kBFloat16, src.data_ptr(),
-                                  panel.data_ptr());
-      }
+  // `cols`: the (first column, width <= 64) of each panel; `rows`: a's rows.
+  static PanelGemm make(const Tensor& b, const std::vector<std::pair<int64_t, int64_t>>& cols,
+                        int64_t rows, const at::TensorOptions& opts) {
+    PanelGemm p;
+    p.bf16 = b.scalar_type() == at::kBFloat16;
+    p.vnni = p.bf16 && at::native::cpublas::could_pack(at::kBFloat16);
+    const int64_t K = b.size(0);
+    p.k = p.vnni ? (K + 1) / 2 * 2 : K;
+    const auto type = p.bf16 ? opts.dtype(at::kBFloat16) : opts.dtype(at::kFloat);
+    int64_t size = 0;
+    for (const auto& [first, w] : cols) {
+      p.at.push_back(size);
+      p.width.push_back(w);
+      p.ld.push_back(p.vnni ? (w + 15) / 16 * 16 : w);
+      size += p.k * p.ld.back();
     }
-    return t;
+    p.panels = cached_empty({size}, type);
+    p.a = at::zeros({rows, p.k}, type);  // the padding column stays zero
+    for (size_t i = 0; i < cols.size(); ++i) {
+      Tensor panel = p.panels.narrow(0, p.at[i], p.k * p.ld[i]).view({p.k, p.ld[i]});
+      const Tensor part = b.narrow(1, cols[i].first, cols[i].second);
+      if (!p.vnni) {
+        panel.copy_(part);
+        continue;
+      }
+      Tensor src = at::zeros({p.k, p.ld[i]}, type);
+      src.narrow(0, 0, K).narrow(1, 0, cols[i].second).copy_(part);
+      at::native::cpublas::pack(p.k, p.ld[i], p.ld[i], p.ld[i], at::kBFloat16, at::kBFloat16,
+                                src.data_ptr(), panel.data_ptr());
+    }
+    return p;
   }
 
-  // A panel's row stride: oneDNN packs VNNI panels 16, 32, 48 or 64 columns wide.
-  int64_t ld(int64_t units) const { return vnni ? (units + 15) / 16 * 16 : units; }
-  // Offset of gate g's panel of the tile starting at unit u0 (only the last tile is narrower).
-  int64_t panel(int64_t u0, int64_t g) const {
-    return (G * u0 + g * ld(std::min(H - u0, kTileUnits))) * k;
-  }
-
-  // Rows [r0, r0 + n) of a = h (float32, Hout wide).
-  void load_h(int64_t r0, int64_t n, const float* h, int64_t Hout) {
+  // Rows [r0, r0 + n) of a = src (float32, `width` <= k wide, contiguous rows).
+  void load_a(int64_t r0, int64_t n, const float* src, int64_t width) {
     if (!bf16) {
-      std::memcpy(a.data_ptr<float>() + r0 * k, h, n * Hout * sizeof(float));
+      std::memcpy(a.data_ptr<float>() + r0 * k, src, n * width * sizeof(float));
       return;
     }
     at::BFloat16* out = a.data_ptr<at::BFloat16>() + r0 * k;
     for (int64_t r = 0; r < n; ++r)
-      for (int64_t j = 0; j < Hout; ++j) out[r * k + j] = at::BFloat16(h[r * Hout + j]);
+      for (int64_t j = 0; j < width; ++j) out[r * k + j] = at::BFloat16(src[r * width + j]);
   }
 
-  // c[n, units] (row stride ldc) = rows [r0, r0 + n) of a times gate g's panel of tile u0.
-  void gemm(int64_t r0, int64_t n, int64_t u0, int64_t g, float* c, int64_t ldc) const {
-    const int64_t units = std::min(H - u0, kTileUnits), at = panel(u0, g);
+  // c[n, width(i)] (row stride ldc) (+)= rows [r0, r0 + n) of a times panel i.
+  void gemm(int64_t r0, int64_t n, size_t i, float* c, int64_t ldc, bool add = false) const {
     if (bf16)
-      at::native::cpublas::brgemm(n, units, k, k, ld(units), ldc, /*add_C=*/false,
+      at::native::cpublas::brgemm(n, width[i], k, k, ld[i], ldc, add,
                                   a.data_ptr<at::BFloat16>() + r0 * k,
-                                  panels.data_ptr<at::BFloat16>() + at, c, vnni);
+                                  panels.data_ptr<at::BFloat16>() + at[i], c, vnni);
     else
-      at::native::cpublas::brgemm(n, units, k, k, units, ldc, /*add_C=*/false,
-                                  a.data_ptr<float>() + r0 * k, panels.data_ptr<float>() + at, c,
-                                  /*is_vnni=*/false);
+      at::native::cpublas::brgemm(n, width[i], k, k, ld[i], ldc, add, a.data_ptr<float>() + r0 * k,
+                                  panels.data_ptr<float>() + at[i], c, /*is_vnni=*/false);
   }
 };
+
+// The forward tiles' panels of W_hh^T: per tile of kTileUnits units, one per gate.
+std::vector<std::pair<int64_t, int64_t>> gate_tiles(int64_t G, int64_t H) {
+  std::vector<std::pair<int64_t, int64_t>> cols;
+  for (int64_t u0 = 0; u0 < H; u0 += kTileUnits)
+    for (int64_t g = 0; g < G; ++g) cols.push_back({g * H + u0, std::min(H - u0, kTileUnits)});
+  return cols;
+}
+
+// Panels of at most 64 columns over all N columns.
+std::vector<std::pair<int64_t, int64_t>> column_panels(int64_t N) {
+  std::vector<std::pair<int64_t, int64_t>> cols;
+  for (int64_t c0 = 0; c0 < N; c0 += kTileUnits) cols.push_back({c0, std::min(N - c0, kTileUnits)});
+  return cols;
+}
 
 // Why the onednn route cannot run here ("" when it can): torch runs oneDNN's brgemm only where
 // oneDNN is enabled (torch.backends.mkldnn) and the CPU has at least AVX2; it raises otherwise.
@@ -466,7 +478,8 @@ struct Kernel {
         tiles ? PackedWeight()
               : PackedWeight::make<T>(w_hh, /*transpose=*/true, rows_range.first,
                                       rows_range.second, steps.count());
-    TileOperands tile_ops = tiles ? TileOperands::make(w_hh, G, B, opts) : TileOperands();
+    PanelGemm tile_ops =
+        tiles ? PanelGemm::make(w_hh.t(), gate_tiles(G, H), B, opts) : PanelGemm();
     auto* const pointwise = proj ? (train ? pointwise_forward<true, true>
                                           : pointwise_forward<true, false>)
                                  : (train ? pointwise_forward<false, true>
@@ -494,10 +507,10 @@ struct Kernel {
         T* y_out = proj ? nullptr : ptr<T>(y) + row * H;
         if (tiles) {
           if constexpr (std::is_same<T, float>::value) {
-            tile_ops.load_h(r0, nb, ptr<T>(h_blk), Hout);
-            for (int64_t u0 = 0; u0 < H; u0 += kTileUnits) {
-              for (int64_t g = 0; g < G; ++g)
-                tile_ops.gemm(r0, nb, u0, g, hg_rows + g * H + u0, G * H);
+            tile_ops.load_a(r0, nb, ptr<T>(h_blk), Hout);
+            for (int64_t u0 = 0, panel = 0; u0 < H; u0 += kTileUnits) {
+              for (int64_t g = 0; g < G; ++g, ++panel)
+                tile_ops.gemm(r0, nb, panel, hg_rows + g * H + u0, G * H);
               pointwise(nb, H, xg, hg_rows, ptr<T>(bias_x), ptr<T>(bias_h), h_out, c_blk, save,
                         y_out, pin, u0, std::min(H, u0 + kTileUnits));
             }
@@ -635,9 +648,13 @@ struct Kernel {
     Tensor dbx_part = at::zeros({nblocks, G * H}, opts);
     Tensor dbh_part = Cell::kSplitHiddenGrad ? at::zeros_like(dbx_part) : dbx_part;
     const auto rows_range = block_rows(blocks);
-    const PackedWeight w_hh_packed = PackedWeight::make<T>(w_hh, /*transpose=*/false,
-                                                           rows_range.first, rows_range.second,
-                                                           steps.count());
+    // A bf16 w_hh (a bfloat16 module): the step GEMMs d(hg) W_hh on bf16 operands, by oneDNN.
+    const bool bf16 = w_hh.scalar_type() == at::kBFloat16;
+    const PackedWeight w_hh_packed =
+        bf16 ? PackedWeight()
+             : PackedWeight::make<T>(w_hh, /*transpose=*/false, rows_range.first,
+                                     rows_range.second, steps.count());
+    PanelGemm dh_ops = bf16 ? PanelGemm::make(w_hh, column_panels(Hout), B, opts) : PanelGemm();
     for_each_block(blocks, 2 * B * Hout * G * H, [&](const Block& blk) {
       c10::NoGradGuard no_grad;
       const int64_t r0 = blk.begin;
@@ -664,13 +681,22 @@ struct Kernel {
                                     ptr<T>(grad_y) + row * Hout, ptr<T>(dh_blk), dc_blk, dxg_blk,
                                     dhg_blk, dbx, dbh);
         }
-        Tensor dhg_step = dhg.narrow(0, row, nb);
         // GRU: the cell already wrote its direct term into dh.
-        w_hh_packed.mm_out(dh_blk, dhg_step, w_hh, /*accumulate=*/Cell::kSplitHiddenGrad);
+        if (!bf16) {
+          w_hh_packed.mm_out(dh_blk, dhg.narrow(0, row, nb), w_hh, Cell::kSplitHiddenGrad);
+        } else if constexpr (std::is_same<T, float>::value) {
+          dh_ops.load_a(r0, nb, dhg_blk, G * H);
+          for (size_t i = 0; i < dh_ops.width.size(); ++i)
+            dh_ops.gemm(r0, nb, i, ptr<T>(dh_blk) + i * kTileUnits, Hout,
+                        Cell::kSplitHiddenGrad);
+        }
       }
+      if (bf16) at::native::cpublas::brgemm_release(dh_ops.vnni);
     });
-    // Weight gradients: a few large GEMMs over all rows instead of one per step.
-    Tensor dw_hh = mm_tn(dhg, h_prev);
+    // Weight gradients: a few large GEMMs over all rows instead of one per step (bf16
+    // operands for a bfloat16 module: its gradient is rounded to bf16 anyway).
+    Tensor dw_hh = bf16 ? at::mm(dhg.to(at::kBFloat16).t(), h_prev.to(at::kBFloat16)).to(at::kFloat)
+                        : mm_tn(dhg, h_prev);
     Tensor db_ih = dbx_part.sum(0);
     // One bias gradient serves both biases when d(hg) = d(xg); a copy, so that no two outputs
     // of the op alias (torch.compile assumes they do not).
@@ -855,9 +881,17 @@ std::vector<Tensor> sequence_backward(const std::string& cell, const Tensor& bat
   TORCH_CHECK(saved.size() == 4, op, ": saved must be the forward's 4 saved tensors, got ",
               saved.size());
   const Tensor &act = saved[0], &h_prev = saved[1], &c_prev = saved[2], &proj_in = saved[3];
-  const at::ScalarType dtype = float_dtype(op, w_hh);
-  check_tensor(op, "w_hh", w_hh, dtype, {-1, -1});
+  TORCH_CHECK(act.defined(), op, ": saved[0] (activations) is required");
+  const at::ScalarType dtype = float_dtype(op, act);
+  // float32 with a bf16 w_hh: a bfloat16 module, as in sequence_forward.
+  const bool bf16_weights = dtype == at::kFloat && w_hh.defined() &&
+                            w_hh.scalar_type() == at::kBFloat16;
+  check_tensor(op, "w_hh", w_hh, bf16_weights ? at::kBFloat16 : dtype, {-1, -1});
   check_tensor(op, "saved[0] (activations)", act, dtype, {-1, -1});
+  const Tensor w = bf16_weights && (!bf16_tiles_unavailable_reason().empty() ||
+                                    forced_route() == GemmRoute::kMkl)
+                       ? w_hh.to(at::kFloat)
+                       : w_hh;
   const Steps steps = make_steps(batch_sizes, act.size(0));
   const Tensor wr = given(w_hr), gc = given(grad_cn);
   std::vector<Tensor> out;
@@ -886,7 +920,7 @@ std::vector<Tensor> sequence_backward(const std::string& cell, const Tensor& bat
     else
       check_absent(op, "grad_cn", gc, "for a cell without a cell state");
     AT_DISPATCH_FLOATING_TYPES(dtype, "fusedrnn_sequence_backward", [&] {
-      out = Kernel<Cell, scalar_t>::backward(steps, w_hh, wr, reverse, act, h_prev, c_prev,
+      out = Kernel<Cell, scalar_t>::backward(steps, w, wr, reverse, act, h_prev, c_prev,
                                              proj_in, grad_y, grad_hn, gc);
     });
   });

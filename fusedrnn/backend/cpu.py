@@ -72,10 +72,13 @@ def _backward(ctx, grad_y, grad_hn, grad_cn, *_):
         inputs = (ctx.cell_name, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
                   ctx.reverse)
         return tuple(differentiable_vjp(_reference, inputs, (grad_y, grad_hn, grad_cn)))
-    low = x.dtype == torch.bfloat16  # the backward runs in float32, its results rounded
+    # bfloat16: the states' gradients run in float32; the GEMMs take bf16 operands (w_hh stays
+    # bf16 for the kernels, as in _forward); the results are rounded to bf16
+    low = x.dtype == torch.bfloat16
+    x_low, w_ih_low = x, w_ih
     if low:
-        x, h0, c0, w_ih, w_hh, w_hr, grad_y, grad_hn, grad_cn = _widened(
-            x, h0, c0, w_ih, w_hh, w_hr, grad_y, grad_hn, grad_cn)
+        x, h0, c0, w_hr, grad_y, grad_hn, grad_cn = _widened(
+            x, h0, c0, w_hr, grad_y, grad_hn, grad_cn)
     grad_y = x.new_zeros(x.shape[0], h0.shape[1]) if grad_y is None else grad_y.contiguous()
     grad_hn = torch.zeros_like(h0) if grad_hn is None else grad_hn.contiguous()
     if has_c:
@@ -87,8 +90,13 @@ def _backward(ctx, grad_y, grad_hn, grad_cn, *_):
     if w_ih is None:
         dx, dw_ih = dxp, None
     else:
-        dx = torch.ops.fusedrnn.mm_rows(dxp, w_ih) if need[1] else None
-        dw_ih = torch.ops.fusedrnn.mm_tn(dxp, x) if need[5] else None
+        if low:
+            dxp = dxp.bfloat16()
+            dx = torch.mm(dxp, w_ih_low) if need[1] else None
+            dw_ih = torch.mm(dxp.t(), x_low) if need[5] else None
+        else:
+            dx = torch.ops.fusedrnn.mm_rows(dxp, w_ih) if need[1] else None
+            dw_ih = torch.ops.fusedrnn.mm_tn(dxp, x) if need[5] else None
     grads = (None, dx, None, dh0, dc0 if has_c else None, dw_ih, dw_hh,
              db_ih if need[7] else None, db_hh if need[8] else None,
              dw_hr if w_hr is not None else None, None)
