@@ -550,10 +550,15 @@ struct Kernel {
     const RouteKey key{cell, steps.size[0], w_hh.size(0) / G, h0.size(1), w_hr.defined(),
                        at::get_num_threads()};
     if (const auto known = recorded_route(key)) return *known;
-    constexpr int64_t kProbeSteps = 16;
+    // The probe runs up to 16 steps, fewer for wide layers, so that one run stays within
+    // ~2 GFLOP; past 1 GFLOP per step both routes are GEMM-bound and a probe would cost
+    // seconds, so MKL runs unmeasured.
+    const int64_t step_flops = 2 * steps.size[0] * h0.size(1) * w_hh.size(0);
+    if (step_flops > (int64_t(1) << 30)) return GemmRoute::kMkl;
+    const int64_t probe_steps = std::clamp<int64_t>((int64_t(1) << 31) / step_flops, 2, 16);
     Steps head;
     int64_t rows = 0;
-    for (int64_t t = 0; t < std::min(steps.count(), kProbeSteps); ++t) {
+    for (int64_t t = 0; t < std::min(steps.count(), probe_steps); ++t) {
       head.size.push_back(steps.size[t]);
       head.offset.push_back(steps.offset[t]);
       rows += steps.size[t];
