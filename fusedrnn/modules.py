@@ -8,6 +8,7 @@ and direction.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import List, NamedTuple, Optional
 
 import torch
@@ -73,6 +74,35 @@ def _step_counts(batch_sizes: Tensor, rows: int, makes_zero_state: bool,
     return counts
 
 
+def _cpu_autocast_dtype(mode: str, x: Tensor, proj_size: int = 0, packed: bool = False,
+                        cell: bool = False) -> Optional[torch.dtype]:
+    """The dtype torch.nn's layer computes in under CPU autocast, whose policy differs per layer
+    (torch 2.13, measured; ``tests/test_autocast.py``): RNN and RNNCell, and LSTM with
+    ``proj_size``, run in the autocast dtype; LSTM without it only through oneDNN (padded or
+    unbatched input with oneDNN on; float16 there is torch.nn's RuntimeError); GRU, GRUCell,
+    LSTMCell and a packed LSTM stay float32. None: no CPU autocast over float32 input."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or not torch.is_autocast_enabled("cpu"):
+        return None
+    dtype = torch.get_autocast_dtype("cpu")
+    if mode == "GRU" or (mode == "LSTM" and (cell or (not proj_size and (
+            packed or not torch.backends.mkldnn.enabled)))):
+        return torch.float32
+    if mode == "LSTM" and not proj_size and dtype == torch.float16:
+        raise RuntimeError("LSTM: torch.nn's LSTM has no float16 path under CPU autocast "
+                           "(oneDNN's LSTM primitive refuses it), so neither has fusedrnn")
+    return dtype
+
+
+def _lowered(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:
+    """``t`` in ``dtype`` where autocast would cast it (float32 tensors only)."""
+    return t.to(dtype) if t is not None and dtype is not None and t.dtype == torch.float32 else t
+
+
+def _autocast_off(dtype: Optional[torch.dtype]):
+    """Under CPU autocast (``dtype`` given) the layers run with it off, in ``dtype``."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast("cpu", enabled=False)
+
+
 class _Layout(NamedTuple):
     """How the caller's input was laid out, to give the output back the same way."""
     packed: Optional[PackedSequence]  # the input, when it was one
@@ -102,18 +132,22 @@ class _FusedRNNMixin(_BackendArg):
         return cell_for_mode(self.mode)
 
     def _layer_args(self, layer: int, direction: int, batch_sizes: Tensor, h0: Tensor,
-                    c0: Optional[Tensor]) -> LayerArgs:
+                    c0: Optional[Tensor], dtype: Optional[torch.dtype]) -> LayerArgs:
+        """One layer and direction's arguments; ``dtype``: the weights cast (CPU autocast)."""
         sfx = f"_l{layer}" + ("_reverse" if direction else "")
         params = self._parameters  # (nn.Module.__getattr__ per weight costs more than the layer)
-        return LayerArgs(self._cell(), batch_sizes, h0, c0, params["weight_ih" + sfx],
-                         params["weight_hh" + sfx], params.get("bias_ih" + sfx),
-                         params.get("bias_hh" + sfx), params.get("weight_hr" + sfx),
+        return LayerArgs(self._cell(), batch_sizes, h0, c0,
+                         *[_lowered(params.get(name + sfx), dtype) for name in
+                           ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")],
                          reverse=direction == 1)
 
     def forward(self, input, hx=None):
         rows, batch_sizes, layout = self._time_major_rows(input, hx is None)
         states = self._initial_states(hx, rows, batch_sizes, layout)
-        output, hidden = self._run_layers(rows, batch_sizes, states)
+        dtype = _cpu_autocast_dtype(self.mode, rows, self.proj_size, layout.packed is not None)
+        with _autocast_off(dtype):  # torch.nn's choice under CPU autocast, on every backend
+            output, hidden = self._run_layers(_lowered(rows, dtype), batch_sizes,
+                                              [_lowered(s, dtype) for s in states], dtype)
         return self._in_callers_layout(output, hidden, layout)
 
     def _time_major_rows(self, input, makes_zero_state: bool):
@@ -196,9 +230,9 @@ class _FusedRNNMixin(_BackendArg):
                 raise RuntimeError(str(exc)) from exc
             raise
 
-    def _run_layers(self, x, batch_sizes, states):
-        """Every layer and direction through ``functional.rnn_layer``; returns the last
-        layer's rows and ``[h_n]`` or ``[h_n, c_n]``."""
+    def _run_layers(self, x, batch_sizes, states, dtype):
+        """Every layer and direction through ``functional.rnn_layer``, the weights cast to
+        ``dtype`` if given; returns the last layer's rows and ``[h_n]`` or ``[h_n, c_n]``."""
         if batch_sizes.numel() == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         directions = 2 if self.bidirectional else 1
@@ -211,7 +245,7 @@ class _FusedRNNMixin(_BackendArg):
             for direction in range(directions):
                 k = layer * directions + direction
                 args = self._layer_args(layer, direction, batch_sizes, h_all[k],
-                                        c_all[k] if c_all is not None else None)
+                                        c_all[k] if c_all is not None else None, dtype)
                 y, h, c = rnn_layer(layer_input, args, self.backend)
                 outputs.append(y)
                 h_n.append(h)
@@ -310,10 +344,16 @@ class _FusedCellMixin(_BackendArg):
                 raise RuntimeError(f"Tensor on device {t.device} is not on the expected device "
                                    f"{x.device}!")
         _check_state_dtype(name, x, states)
-        args = LayerArgs(cell, torch.tensor([batch], dtype=torch.int64), states[0],
-                         states[1] if lstm else None, self.weight_ih, self.weight_hh,
-                         self.bias_ih, self.bias_hh, None, reverse=False)
-        _, h, c = rnn_layer(x, args, self.backend)
+        mode = "RNN" if not lstm and not isinstance(self, nn.GRUCell) else \
+            ("LSTM" if lstm else "GRU")
+        dtype = _cpu_autocast_dtype(mode, x, cell=True)
+        with _autocast_off(dtype):
+            args = LayerArgs(cell, torch.tensor([batch], dtype=torch.int64),
+                             _lowered(states[0], dtype), _lowered(states[1], dtype) if lstm
+                             else None, *[_lowered(w, dtype) for w in (
+                                 self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)],
+                             None, reverse=False)
+            _, h, c = rnn_layer(_lowered(x, dtype), args, self.backend)
         if not is_batched:
             h = h.squeeze(0)
             c = c.squeeze(0) if c is not None else None

@@ -552,9 +552,9 @@ struct Kernel {
     if (const auto known = recorded_route(key)) return *known;
     // The probe runs up to 16 steps, fewer for wide layers, so that one run stays within
     // ~2 GFLOP; past 1 GFLOP per step both routes are GEMM-bound and a probe would cost
-    // seconds, so MKL runs unmeasured.
+    // seconds, so MKL runs unmeasured (as it does for an empty batch: nothing to measure).
     const int64_t step_flops = 2 * steps.size[0] * h0.size(1) * w_hh.size(0);
-    if (step_flops > (int64_t(1) << 30)) return GemmRoute::kMkl;
+    if (step_flops == 0 || step_flops > (int64_t(1) << 30)) return GemmRoute::kMkl;
     const int64_t probe_steps = std::clamp<int64_t>((int64_t(1) << 31) / step_flops, 2, 16);
     Steps head;
     int64_t rows = 0;
