@@ -418,3 +418,24 @@ def test_bfloat16_without_onednn_widens_the_weights(rng, monkeypatch):
     monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
     for i, (a, b) in enumerate(zip(_bf16_run(fused, seqs, torch.bfloat16), expected)):
         assert (a - b).abs().max() <= 2e-2 * b.abs().max() + 1e-6, f"tensor {i}"
+
+
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("shape", ["empty batch", "zero-width h"])
+def test_degenerate_shapes_under_every_gemm_route(gemm_route, w_dtype, shape):
+    """The ops called directly with an empty batch, or a projection to zero width (K = 0 for
+    the step GEMMs), under each route and bf16 weights: outputs of the right shapes, never a
+    crash (the route probe once divided by an empty batch's zero flops: SIGFPE) or oneDNN's
+    K = 0 errors."""
+    batch, h_out = (0, 2) if shape == "empty batch" else (3, 0)
+    counts = torch.tensor([batch, batch])
+    for train in (False, True):  # (the training call's saves feed the backward below)
+        y, h_n, c_n, *saved = torch.ops.fusedrnn.sequence_forward(
+            "lstm", torch.randn(2 * batch, 16), counts, torch.zeros(batch, h_out),
+            torch.zeros(batch, 4), torch.randn(16, h_out).to(w_dtype), None, None,
+            torch.randn(h_out, 4), False, train)
+        assert y.shape == (2 * batch, h_out) and h_n.shape == (batch, h_out)
+    grads = torch.ops.fusedrnn.sequence_backward(
+        "lstm", counts, torch.randn(16, h_out).to(w_dtype), torch.randn(h_out, 4), False, saved,
+        torch.randn(2 * batch, h_out), torch.randn(batch, h_out), torch.randn(batch, 4))
+    assert grads[0].shape == (2 * batch, 16) and grads[3].shape == (16, h_out)

@@ -539,7 +539,8 @@ struct Kernel {
   static GemmRoute choose_route(const std::string& cell, const Tensor& xp, const Steps& steps,
                                 const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
                                 const Tensor& bias_x, const Tensor& bias_h, const Tensor& w_hr) {
-    if (!std::is_same<T, float>::value) return GemmRoute::kMkl;
+    // (float64, or a zero-width h: no step GEMM to tile)
+    if (!std::is_same<T, float>::value || h0.size(1) == 0) return GemmRoute::kMkl;
     const std::string unavailable = onednn_unavailable_reason();
     if (const auto forced = forced_route()) {
       TORCH_CHECK(*forced == GemmRoute::kMkl || unavailable.empty(),
@@ -854,7 +855,7 @@ std::vector<Tensor> sequence_forward(const std::string& cell, const Tensor& xp,
     const bool bf16_weights = dtype == at::kFloat && w_hh.scalar_type() == at::kBFloat16;
     check_tensor(op, "w_hh", w_hh, bf16_weights ? at::kBFloat16 : dtype, {G * H, Hout});
     const auto forced = forced_route();
-    const Tensor w = bf16_weights && (!bf16_tiles_unavailable_reason().empty() ||
+    const Tensor w = bf16_weights && (Hout == 0 || !bf16_tiles_unavailable_reason().empty() ||
                                       forced == GemmRoute::kMkl)
                          ? w_hh.to(at::kFloat)
                          : w_hh;
@@ -893,7 +894,8 @@ std::vector<Tensor> sequence_backward(const std::string& cell, const Tensor& bat
                             w_hh.scalar_type() == at::kBFloat16;
   check_tensor(op, "w_hh", w_hh, bf16_weights ? at::kBFloat16 : dtype, {-1, -1});
   check_tensor(op, "saved[0] (activations)", act, dtype, {-1, -1});
-  const Tensor w = bf16_weights && (!bf16_tiles_unavailable_reason().empty() ||
+  const Tensor w = bf16_weights && (w_hh.size(1) == 0 ||
+                                    !bf16_tiles_unavailable_reason().empty() ||
                                     forced_route() == GemmRoute::kMkl)
                        ? w_hh.to(at::kFloat)
                        : w_hh;
