@@ -31,8 +31,13 @@ EXAMPLES = int(os.environ.get("FUSEDRNN_FUZZ_EXAMPLES", "40"))
 
 
 # (backend, dtype, examples): the Triton kernels have no float64 and run in the interpreter;
-# the CUDA ones run emulated (each launch starts OS threads)
+# the CUDA ones run emulated (each launch starts OS threads). bfloat16 (`cpu`: bf16 GEMMs,
+# float32 states) against torch.nn's bf16 layers: the same exceptions, and outputs and
+# gradients of the same shapes and dtypes. Not the values: both sides are approximations
+# (torch.nn's all-bf16 relu layers drift by tens of percent); test_backend_cpu compares bf16
+# with float64.
 BACKENDS = [("reference", torch.float64, EXAMPLES), ("cpu", torch.float64, EXAMPLES),
+            ("cpu", torch.bfloat16, EXAMPLES),
             ("triton:persistent", torch.float32, max(1, EXAMPLES // 4)),
             ("triton:alternating", torch.float32, max(1, EXAMPLES // 4)),
             ("cuda:persistent", torch.float64, max(1, EXAMPLES // 4)),
@@ -276,6 +281,13 @@ def _compare(kind, backend, dtype, cfg, fault, seed):
             f"torch.nn raised {ref_exc!r}, fusedrnn {fused_exc!r}"
         return
     assert len(ref_vals) == len(fused_vals)
+    if dtype == torch.bfloat16:
+        for i, (a, b) in enumerate(zip(fused_vals, ref_vals)):
+            assert (a is None) == (b is None), f"tensor {i}: a gradient on one side only"
+            if a is None:
+                continue
+            assert a.shape == b.shape and a.dtype == b.dtype, f"tensor {i}: {a.shape} {b.shape}"
+        return
     rtol, atol = (1e-9, 1e-9) if dtype == torch.float64 else (2e-4, 2e-5)
     for i, (a, b) in enumerate(zip(fused_vals, ref_vals)):
         if b is None:
@@ -316,14 +328,16 @@ def _fuzz(backend, dtype, examples, kinds, faults):
 
 
 @pytest.mark.parametrize("backend,dtype,examples", [
-    pytest.param(*b, id=b[0], marks=pytest.mark.skipif(not runs_on_cpu_tensors(b[0]), reason="unavailable"))
+    pytest.param(*b, id=b[0] + ("-bf16" if b[1] == torch.bfloat16 else ""),
+                 marks=pytest.mark.skipif(not runs_on_cpu_tensors(b[0]), reason="unavailable"))
     for b in BACKENDS])
 def test_fuzz_modules_against_torch_nn(backend, dtype, examples):
     _fuzz(backend, dtype, examples, MODULE_KINDS, MODULE_FAULTS)
 
 
 @pytest.mark.parametrize("backend,dtype,examples", [
-    pytest.param(*b, id=b[0], marks=pytest.mark.skipif(not runs_on_cpu_tensors(b[0]), reason="unavailable"))
+    pytest.param(*b, id=b[0] + ("-bf16" if b[1] == torch.bfloat16 else ""),
+                 marks=pytest.mark.skipif(not runs_on_cpu_tensors(b[0]), reason="unavailable"))
     for b in BACKENDS])
 def test_fuzz_cells_against_torch_nn(backend, dtype, examples):
     _fuzz(backend, dtype, examples, CELL_KINDS, CELL_FAULTS)
