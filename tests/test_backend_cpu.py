@@ -439,3 +439,41 @@ def test_degenerate_shapes_under_every_gemm_route(gemm_route, w_dtype, shape):
         "lstm", counts, torch.randn(16, h_out).to(w_dtype), torch.randn(h_out, 4), False, saved,
         torch.randn(2 * batch, h_out), torch.randn(batch, h_out), torch.randn(batch, 4))
     assert grads[0].shape == (2 * batch, 16) and grads[3].shape == (16, h_out)
+
+
+@pytest.mark.parametrize("cell_name", ["lstm", "gru"])
+def test_fake_kernels_match_the_ops_with_bf16_weights(rng, cell_name):
+    """A bfloat16 module's calls (float32 tensors, bf16 w_hh): the fake kernels give the real
+    ops' dtypes (float32 gradients from a bf16 w_hh), so a compiled bf16 model is traced right."""
+    cell = CELLS[cell_name]
+    args = {k: v.detach().float() if isinstance(v, torch.Tensor) and v.is_floating_point()
+            else v for k, v in sequence_inputs(cell, random_batch_sizes(rng, 4, 3, packed=True),
+                                               rng.choice(HIDDEN)).items()}
+    w_hh = args["w_hh"].bfloat16()
+    checks = ("test_schema", "test_faketensor")
+    ops = torch.ops.fusedrnn
+    forward_args = (cell_name, args["xp"], args["batch_sizes"], args["h0"], args["c0"], w_hh,
+                    None, args["b_hh"], None, False, True)
+    torch.library.opcheck(ops.sequence_forward, forward_args, test_utils=checks)
+    y, h_n, c_n, *saved = ops.sequence_forward(*forward_args)
+    torch.library.opcheck(ops.sequence_backward, (
+        cell_name, args["batch_sizes"], w_hh, None, False, saved, torch.randn_like(y),
+        torch.randn_like(h_n), torch.randn_like(c_n) if cell.has_cell_state else None),
+        test_utils=checks)
+
+
+def test_torch_compile_bfloat16_model(rng):
+    """A bfloat16 LSTM compiles into one graph and gives eager mode's outputs and gradients."""
+    model = fusedrnn.LSTM(6, 20, 2, backend="cpu").bfloat16()
+    x = torch.randn(5, 3, 6).bfloat16().requires_grad_()
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(allow_rnn=True):
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        results = []
+        for m in (model, compiled):
+            y, (h, c) = m(x)
+            results.append([y, h, *torch.autograd.grad(y.float().square().sum(),
+                                                       [x, *m.parameters()])])
+    for i, (a, b) in enumerate(zip(*results)):
+        assert a.dtype == b.dtype == torch.bfloat16, f"tensor {i}: {a.dtype} {b.dtype}"
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m: f"tensor {i}: {m}")

@@ -172,11 +172,12 @@ def _register_fake_kernels():
     def _sequence_backward(cell, batch_sizes, w_hh, w_hr, reverse, saved, grad_y, grad_hn,
                            grad_cn):
         gh, h_out = w_hh.shape
-        return [w_hh.new_empty(saved[0].shape[0], gh), torch.empty_like(grad_hn),
-                torch.empty_like(grad_cn) if CELLS[cell].has_cell_state else w_hh.new_empty(0),
-                w_hh.new_empty(gh, h_out), w_hh.new_empty(gh),
-                w_hr.new_empty(w_hr.shape) if w_hr is not None else w_hh.new_empty(0),
-                w_hh.new_empty(gh)]
+        act = saved[0]  # the gradients' dtype (float32 also for a bfloat16 module's bf16 w_hh)
+        return [act.new_empty(act.shape[0], gh), torch.empty_like(grad_hn),
+                torch.empty_like(grad_cn) if CELLS[cell].has_cell_state else act.new_empty(0),
+                act.new_empty(gh, h_out), act.new_empty(gh),
+                w_hr.new_empty(w_hr.shape) if w_hr is not None else act.new_empty(0),
+                act.new_empty(gh)]
 
 
 if _IMPORT_ERROR is None:
