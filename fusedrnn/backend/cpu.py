@@ -34,7 +34,7 @@ def _forward(cell_name, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, re
 
     bfloat16: the input projection is a bf16 GEMM; the kernels get everything else widened to
     float32 but ``w_hh``, whose bf16 tells them to run the step GEMMs on bf16 operands with fp32
-    accumulation (csrc/cpu/sequence.cpp, TileOperands). States, gates and what backward reads
+    accumulation (csrc/cpu/sequence.cpp, PanelGemm). States, gates and what backward reads
     stay float32; the outputs are rounded to bf16."""
     if x.dtype == torch.bfloat16:
         xp = (x if w_ih is None else torch.mm(x, w_ih.t())).float()
@@ -48,6 +48,7 @@ def _forward(cell_name, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, re
 
 
 def _widened(*tensors):
+    """The tensors in float32 (None stays None): a bfloat16 module's operands for the kernels."""
     return [None if t is None else t.float() for t in tensors]
 
 
