@@ -55,11 +55,12 @@ def cpu_model_and_flags():
 
 def render(data, wall, command, wait_policy, load_before, out_path):
     best = {}
-    peak = None
+    peak, routes = None, []
     for b in data["benchmarks"]:
         info = b["extra_info"]
         if info["impl"] == "gemm":
             peak = info["flops"] / b["stats"]["min"] / 1e9
+            routes = info.get("routes", [])
             continue
         best[(info["kind"], info["shape"], info["mode"], info["impl"])] = (b["stats"]["min"],
                                                                            info["flops"])
@@ -107,6 +108,9 @@ def render(data, wall, command, wait_policy, load_before, out_path):
             cells.append(f"{nn_t[0] / (cpu[1] / (peak * 1e9)):.2f}" if cpu and peak else "-")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+    if routes:
+        lines += ["## Forward GEMM routes the cpu backend chose (measured at first use)", "",
+                  *[f"- {r}" for r in routes], ""]
     text = "\n".join(lines)
     with open(out_path, "w") as f:
         f.write(text)

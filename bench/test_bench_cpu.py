@@ -118,6 +118,8 @@ def test_gemm_peak(benchmark):
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     out = torch.empty(1024, 1024)
     benchmark.group = "gemm peak"
-    benchmark.extra_info.update(impl="gemm", flops=2 * 1024 ** 3, threads=THREADS)
+    # (runs after the layer benchmarks: the forward GEMM routes they were measured on)
+    benchmark.extra_info.update(impl="gemm", flops=2 * 1024 ** 3, threads=THREADS,
+                                routes=fusedrnn.cpu_info().get("measured_routes", []))
     benchmark.pedantic(lambda: torch.mm(a, b, out=out), rounds=max(ROUNDS, 10), iterations=1,
                        warmup_rounds=2)
