@@ -477,3 +477,17 @@ def test_torch_compile_bfloat16_model(rng):
     for i, (a, b) in enumerate(zip(*results)):
         assert a.dtype == b.dtype == torch.bfloat16, f"tensor {i}: {a.dtype} {b.dtype}"
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m: f"tensor {i}: {m}")
+
+
+@pytest.mark.parametrize("k", [0, 1, 7, 100])
+def test_mm_rows_on_bf16_operands_gives_float32(two_threads, k):
+    """A bfloat16 module's input projection: bf16 operands (odd K padded for VNNI; K = 0), a
+    float32 result exact to float32 rounding of the bf16 products' sums, over several row chunks
+    and column panels; its fake kernel agrees."""
+    a = torch.randn(333, k).bfloat16()
+    b = torch.randn(150, k).bfloat16().t()  # strided, as w_ih.t()
+    out = torch.ops.fusedrnn.mm_rows(a, b)
+    assert out.dtype == torch.float32 and out.shape == (333, 150)
+    assert_close(out.double(), a.double() @ b.double(), torch.float32, "bf16 mm_rows")
+    torch.library.opcheck(torch.ops.fusedrnn.mm_rows, (a, b),
+                          test_utils=("test_schema", "test_faketensor"))

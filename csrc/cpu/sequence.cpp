@@ -803,9 +803,40 @@ std::vector<std::string> gemm_routes() {
   return out;
 }
 
+// out[rows, N] (float32) = a[rows, K] b[K, N] on bf16 operands (a bfloat16 module's input
+// projection): oneDNN's brgemm over the intra-op threads' row chunks, written in float32
+// straight into the cached buffer, instead of a bf16 result widened into a fresh one.
+void mm_rows_bf16_out(Tensor& out, const Tensor& a, const Tensor& b) {
+  const int64_t rows = a.size(0), K = a.size(1), N = b.size(1);
+  if (K == 0 || !bf16_tiles_unavailable_reason().empty()) {
+    out.copy_(at::mm(a, b));
+    return;
+  }
+  PanelGemm p = PanelGemm::make(b, column_panels(N), 0, a.options());
+  p.a = p.k == K && a.is_contiguous() ? a : at::zeros({rows, p.k}, a.options());
+  if (!p.a.is_same(a)) p.a.narrow(1, 0, K).copy_(a);  // K padded to even for VNNI
+  constexpr int64_t kChunk = 64;  // rows per brgemm call
+  at::parallel_for(0, rows, kChunk, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; r += kChunk)
+      for (size_t i = 0; i < p.width.size(); ++i)
+        p.gemm(r, std::min(kChunk, end - r), i, out.data_ptr<float>() + r * N + i * kTileUnits,
+               N);
+    at::native::cpublas::brgemm_release(p.vnni);
+  });
+}
+
 Tensor mm_rows(const Tensor& a, const Tensor& b) {
-  check_gemm_operands("fusedrnn::mm_rows", a, b,
-                      a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0));
+  constexpr const char* op = "fusedrnn::mm_rows";
+  const bool fits = a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0);
+  if (a.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kBFloat16) {
+    TORCH_CHECK(fits, op, ": operands of shapes ", a.sizes(), " and ", b.sizes(), " do not fit");
+    TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu(), op, ": CPU tensors only");
+    Tensor out = cached_empty({a.size(0), b.size(1)}, a.options().dtype(at::kFloat));
+    c10::NoGradGuard no_grad;
+    mm_rows_bf16_out(out, a.detach(), b.detach());
+    return out;
+  }
+  check_gemm_operands(op, a, b, fits);
   Tensor out = cached_empty({a.size(0), b.size(1)}, a.options());
   mm_rows_out(out, a.detach(), b.detach());
   return out;

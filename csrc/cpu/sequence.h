@@ -43,7 +43,8 @@ std::string onednn_route_reason();
 std::string bf16_route_reason();
 
 // The whole-sequence GEMMs: a @ b (input projection, dx) split over rows by hand across the
-// intra-op threads; a^T @ b (weight gradients) as one MKL GEMM in its faster operand order.
+// intra-op threads (bf16 operands give a float32 result); a^T @ b (weight gradients) as one
+// MKL GEMM in its faster operand order.
 at::Tensor mm_rows(const at::Tensor& a, const at::Tensor& b);
 at::Tensor mm_tn(const at::Tensor& a, const at::Tensor& b);
 

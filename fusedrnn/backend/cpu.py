@@ -32,12 +32,12 @@ except ImportError as exc:  # extension not built
 def _forward(cell_name, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse, train):
     """x -> (y, h_n, c_n, *saved); ``train`` False skips every store backward would need.
 
-    bfloat16: the input projection is a bf16 GEMM; the kernels get everything else widened to
-    float32 but ``w_hh``, whose bf16 tells them to run the step GEMMs on bf16 operands with fp32
-    accumulation (csrc/cpu/sequence.cpp, PanelGemm). States, gates and what backward reads
-    stay float32; the outputs are rounded to bf16."""
+    bfloat16: the input projection is a bf16 GEMM with a float32 result; the kernels get
+    everything else widened to float32 but ``w_hh``, whose bf16 tells them to run the step GEMMs
+    on bf16 operands with fp32 accumulation (csrc/cpu/sequence.cpp, PanelGemm). States, gates
+    and what backward reads stay float32; the outputs are rounded to bf16."""
     if x.dtype == torch.bfloat16:
-        xp = (x if w_ih is None else torch.mm(x, w_ih.t())).float()
+        xp = x.float() if w_ih is None else torch.ops.fusedrnn.mm_rows(x, w_ih.t())
         h0, c0, b_ih, b_hh, w_hr = _widened(h0, c0, b_ih, b_hh, w_hr)
         y, h_n, c_n, *saved = torch.ops.fusedrnn.sequence_forward(
             cell_name, xp, batch_sizes, h0, c0, w_hh, b_ih, b_hh, w_hr, reverse, train)
@@ -150,8 +150,9 @@ def _register_fake_kernels():
     them (``fullgraph=True``) instead of breaking the graph at each layer."""
 
     @torch.library.register_fake("fusedrnn::mm_rows")
-    def _mm_rows(a, b):
-        return a.new_empty(a.shape[0], b.shape[1])
+    def _mm_rows(a, b):  # (bf16 operands: a float32 result)
+        return a.new_empty(a.shape[0], b.shape[1],
+                           dtype=torch.float32 if a.dtype == torch.bfloat16 else a.dtype)
 
     @torch.library.register_fake("fusedrnn::mm_tn")
     def _mm_tn(a, b):
