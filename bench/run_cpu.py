@@ -19,10 +19,14 @@ JSON = os.path.join(HERE, "cpu.json")
 THREADS = os.environ.get("FUSEDRNN_BENCH_THREADS", "2")
 
 
-def output_path(args):
-    """RESULTS_CPU.md is the full suite at 2 threads; other thread counts and any run given
-    pytest arguments (a subset, ``-k LSTM``) write their own file, never over the full table."""
+def output_path(args, wait_policy):
+    """RESULTS_CPU.md is the full suite at 2 threads with passive OpenMP waiting; other thread
+    counts, wait policies (``OMP_WAIT_POLICY=`` empty: libgomp's default, spinning a while
+    before sleeping, what a user gets) and any run given pytest arguments (a subset,
+    ``-k LSTM``) write their own file, never over the full table."""
     name = "RESULTS_CPU" + ("" if THREADS == "2" else f"_{THREADS}thread")
+    if wait_policy != "PASSIVE":
+        name += f"_omp-{wait_policy.lower() or 'default'}"
     if args:
         name += "_subset"
     return os.path.join(HERE, name + ".md")
@@ -32,7 +36,10 @@ def main(args):
     cmd = [sys.executable, "-m", "pytest", "-q", os.path.join(HERE, "test_bench_cpu.py"),
            f"--benchmark-json={JSON}", "--benchmark-disable-gc", *args]
     # Spinning OpenMP workers wreck every 2-thread run once another process holds a core (seen:
-    # nn.LSTM 10x slower, fusedrnn 1.4x); passive waiting keeps the comparison about the kernels.
+    # nn.LSTM 10x slower, fusedrnn 1.4x); passive waiting keeps the comparison about the kernels
+    # on a shared machine. It also slows oneDNN's per-step parallel regions more than the cpu
+    # backend's one region per layer: on a quiet machine run `OMP_WAIT_POLICY= python
+    # bench/run_cpu.py` too (libgomp's default, what users get; its own results file).
     env = dict(os.environ)
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     load_before = os.getloadavg()[0]
@@ -42,8 +49,10 @@ def main(args):
     with open(JSON) as f:
         data = json.load(f)
     prefix = [] if THREADS == "2" else [f"FUSEDRNN_BENCH_THREADS={THREADS}"]
+    if env["OMP_WAIT_POLICY"] != "PASSIVE":
+        prefix.append(f"OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}")
     render(data, wall, " ".join([*prefix, "python bench/run_cpu.py", *args]),
-           env["OMP_WAIT_POLICY"], load_before, output_path(args))
+           env["OMP_WAIT_POLICY"], load_before, output_path(args, env["OMP_WAIT_POLICY"]))
 
 
 def cpu_model_and_flags():
@@ -74,7 +83,7 @@ def render(data, wall, command, wait_policy, load_before, out_path):
              f"load average before the run {load_before:.2f} (2 cores: anything near 1 or more "
              "means other jobs shared the machine and absolute times are noisy): read the "
              "ratios (min over rounds of one run). "
-             f"OMP_WAIT_POLICY={wait_policy}. Forward GEMM route: "
+             f"OMP_WAIT_POLICY={wait_policy or '(unset: libgomp default)'}. Forward GEMM route: "
              f"FUSEDRNN_CPU_GEMM={os.environ.get('FUSEDRNN_CPU_GEMM') or 'auto'} "
              "(auto: measured per layer shape at first use).", "",
              f"Measured GEMM peak (torch.mm 1024^3, MKL): **{peak:.0f} GFLOP/s**." if peak else "", "",
