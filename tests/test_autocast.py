@@ -56,10 +56,12 @@ def test_cells_compute_in_torch_nn_dtype(autocast_dtype, name):
                                          ("RNN", {}), ("GRU", {})])
 def test_bf16_autocast_values_and_float32_gradients(rng, backend, mode, kwargs):
     """Under bf16 autocast the outputs are close to float64 torch.nn normwise, and the gradients
-    of the float32 input and weights are float32, as torch.nn's. Bounds: 2e-2 for `cpu` (float32
-    states); 5e-2 for `reference`, which keeps its states in bf16 as torch.nn's bf16 layers do
-    (they measure up to 3.3e-2 against float64 here)."""
-    bound = 2e-2 if backend == "cpu" else 5e-2
+    of the float32 input and weights are float32, as torch.nn's. Bounds: 3e-2 for `cpu` (float32
+    states); 7e-2 for `reference`, which keeps its states in bf16 as torch.nn's bf16 layers do
+    (they measure up to 3.3e-2 against float64 here). The projected LSTM's small outputs come
+    from cancelling sums: over 25 draws its worst error reached 1.5e-2 (cpu) and 3.5e-2
+    (reference), half these bounds; the others stay under a fifth of them."""
+    bound = 3e-2 if backend == "cpu" else 7e-2
     ref = getattr(nn, mode)(6, 24, num_layers=2, dtype=torch.float64, **kwargs)
     fused = getattr(fusedrnn, mode)(6, 24, num_layers=2, backend=backend, **kwargs)
     fused.load_state_dict(ref.state_dict())
