@@ -20,8 +20,10 @@ pytestmark = pytest.mark.skipif(BACKEND.unavailable_reason() is not None,
 
 HIDDEN = [7, 13, 33]  # not multiples of any vector width
 # Input scale per dtype: at 0.5 the float32 reference itself drifts past 1e-5 from the float64
-# one (gradients grow through time); at 0.3 neither implementation does.
-SCALE = {torch.float64: 0.5, torch.float32: 0.3}
+# one (gradients grow through time). At 0.3 the float32 kernels still did in 4 of 2,400 random
+# cases (the RNN cells' bias gradients, summed over every row: 2026-11-30, under both GEMM
+# routes), a CI failure every ~40 runs; at 0.2, in none of 2,400.
+SCALE = {torch.float64: 0.5, torch.float32: 0.2}
 
 
 @pytest.mark.parametrize("cell_name", list(CELLS))
