@@ -406,11 +406,6 @@ c10::optional<GemmRoute> recorded_route(const RouteKey& key) {
   return found->second.route;
 }
 
-template <typename T>
-T* at_row(T* p, int64_t offset) {
-  return p == nullptr ? nullptr : p + offset;
-}
-
 template <typename Cell, typename T>
 struct Kernel {
   static constexpr int G = Cell::kGates, S = Cell::kSaved;

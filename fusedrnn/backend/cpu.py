@@ -73,14 +73,12 @@ def _backward(ctx, grad_y, grad_hn, grad_cn, *_):
         inputs = (ctx.cell_name, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
                   ctx.reverse)
         return tuple(differentiable_vjp(_reference, inputs, (grad_y, grad_hn, grad_cn)))
-    # bfloat16: the states' gradients run in float32; the GEMMs take bf16 operands (w_hh stays
-    # bf16 for the kernels, as in _forward); the results are rounded to bf16
+    # bfloat16: the states' gradients run in float32; the GEMMs take bf16 operands (x, w_ih and
+    # w_hh stay bf16, as in _forward); the results are rounded to bf16
     low = x.dtype == torch.bfloat16
-    x_low, w_ih_low = x, w_ih
     if low:
-        x, h0, c0, w_hr, grad_y, grad_hn, grad_cn = _widened(
-            x, h0, c0, w_hr, grad_y, grad_hn, grad_cn)
-    grad_y = x.new_zeros(x.shape[0], h0.shape[1]) if grad_y is None else grad_y.contiguous()
+        h0, c0, w_hr, grad_y, grad_hn, grad_cn = _widened(h0, c0, w_hr, grad_y, grad_hn, grad_cn)
+    grad_y = h0.new_zeros(x.shape[0], h0.shape[1]) if grad_y is None else grad_y.contiguous()
     grad_hn = torch.zeros_like(h0) if grad_hn is None else grad_hn.contiguous()
     if has_c:
         grad_cn = torch.zeros_like(c0) if grad_cn is None else grad_cn.contiguous()
@@ -93,8 +91,8 @@ def _backward(ctx, grad_y, grad_hn, grad_cn, *_):
     else:
         if low:
             dxp = dxp.bfloat16()
-            dx = torch.mm(dxp, w_ih_low) if need[1] else None
-            dw_ih = torch.mm(dxp.t(), x_low) if need[5] else None
+            dx = torch.mm(dxp, w_ih) if need[1] else None
+            dw_ih = torch.mm(dxp.t(), x) if need[5] else None
         else:
             dx = torch.ops.fusedrnn.mm_rows(dxp, w_ih) if need[1] else None
             dw_ih = torch.ops.fusedrnn.mm_tn(dxp, x) if need[5] else None
