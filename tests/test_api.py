@@ -88,6 +88,12 @@ def run_and_grad(module, x, states, form, steps, batch, seed, upstream=None):
     return outs, grads, upstream
 
 
+def test_the_cpu_extension_is_built_and_loads():
+    """The install builds fusedrnn._C. A build that fails to load (an undefined symbol, say) must
+    fail the suite here, not quietly skip every test of the C++ kernels."""
+    assert fusedrnn.backends()["cpu"] == "available", fusedrnn.backends()["cpu"]
+
+
 # The module-level grid runs on the oracle and on every CPU kernel backend built here.
 BACKENDS = [pytest.param("reference"), pytest.param("cpu", marks=pytest.mark.skipif(
     fusedrnn.backends()["cpu"] != "available", reason="fusedrnn._C not built"))]

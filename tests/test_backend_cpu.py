@@ -1,5 +1,8 @@
 """The fused C++ ``cpu`` backend against the reference backend and torch.nn, fresh inputs each run."""
 import io
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -358,6 +361,73 @@ def test_cpu_info_reports_the_machine_and_measured_routes(monkeypatch):
     assert info["bf16_route"].startswith(("available", "unavailable: "))
     assert any(line.startswith(f"rnn_tanh batch 2 hidden {hidden},") and
                (": mkl (" in line or ": onednn (" in line) for line in info["measured_routes"])
+
+
+def _gate_activations(x):
+    """sigmoid(x) and tanh(x) as the float32 LSTM forward computes them: x is every gate's
+    pre-activation (zero W_hh, no biases, zero states; x laid out as rows of 37 units, so that
+    the last 16-unit chunk of each row is partial) and the training forward saves the activated
+    gates: i, f and o are sigmoids, g a tanh."""
+    H = 37
+    rows = -(-x.numel() // H)
+    xr = torch.cat([x, x.new_zeros(rows * H - x.numel())]).view(rows, 1, H)
+    saved = torch.ops.fusedrnn.sequence_forward(
+        "lstm", xr.expand(rows, 4, H).reshape(rows, 4 * H), torch.tensor([rows]),
+        torch.zeros(rows, H), torch.zeros(rows, H), torch.zeros(4 * H, H), None, None, None,
+        False, True)[3]
+    i, f, g, o, _ = (a.reshape(-1)[:x.numel()] for a in saved.view(rows, 5, H).unbind(1))
+    for other in (f, o):
+        torch.testing.assert_close(other, i, rtol=0, atol=0, equal_nan=True)
+    return i, g
+
+
+def gate_math_problems():
+    """Where the float32 sigmoid and tanh of the pointwise pass miss float64 by more than 4 ulp
+    (relative), or 1.2e-7 absolute for tanh (near 0 it is 1 - 2 / (e^2x + 1) on the AVX-512
+    path): a dense sweep through [-100, 100] and every special value. Returns the bad inputs."""
+    sweep = torch.linspace(-100, 100, 200_003)
+    fine = torch.linspace(-1e-3, 1e-3, 2001)
+    specials = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-30, -1e-30,
+                             88.72, -88.72, 44.36, -44.36, 87.3, -87.3, 89.0, -89.0, 1e30, -1e30])
+    x = torch.cat([sweep, fine, specials])
+    sig, tanh = _gate_activations(x)
+    problems = []
+    for name, got, want, abs_tol in (("sigmoid", sig, torch.sigmoid(x.double()), 1e-37),
+                                     ("tanh", tanh, torch.tanh(x.double()), 1.2e-7)):
+        err = (got.double() - want).abs()
+        tol = torch.maximum(want.abs() * 4 * 2.0 ** -23, torch.full_like(want, abs_tol))
+        bad = ~(err <= tol) & ~(want.isnan() & got.isnan())
+        problems += [f"{name}({v:.9g}) = {g:.9g}, float64 {w:.9g}" for v, g, w in
+                     zip(x[bad].tolist(), got[bad].tolist(), want[bad].tolist())][:5]
+    return problems
+
+
+def test_gate_math_matches_float64():
+    """The pointwise pass's own sigmoid and tanh (AVX-512 here where the build has it)."""
+    assert gate_math_problems() == []
+
+
+def test_compiler_vectorized_path_matches_float64_and_the_reference():
+    """FUSEDRNN_CPU_AVX512=0 runs the float loop that builds without AVX-512 use (read once per
+    process, so in a child): its gate math, and float32 sequences of every cell against the
+    float64 reference."""
+    code = ("import sys, torch, fusedrnn, random; sys.path.insert(0, 'tests')\n"
+            "from test_backend_cpu import gate_math_problems, BACKEND, SCALE\n"
+            "from sequence_check import check_sequence, random_batch_sizes\n"
+            "assert torch.ops.fusedrnn.pointwise_isa() == 'compiler-vectorized'\n"
+            "assert gate_math_problems() == [], gate_math_problems()\n"
+            "rng = random.Random()\n"
+            "for cell in ('lstm', 'gru', 'rnn_tanh', 'rnn_relu'):\n"
+            "    for packed in (False, True):\n"
+            "        check_sequence(BACKEND, cell, random_batch_sizes(rng, 5, 4, packed),\n"
+            "                       rng.choice([7, 33]), reverse=packed, dtype=torch.float32,\n"
+            "                       scale=SCALE[torch.float32])\n"
+            "print('ok')\n")
+    env = dict(os.environ, FUSEDRNN_CPU_AVX512="0")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
 def _bf16_run(model, seqs, dtype):

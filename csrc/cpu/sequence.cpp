@@ -13,6 +13,7 @@
 #include <ATen/native/CPUBlas.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
@@ -30,6 +31,7 @@
 #include <utility>
 
 #include "cells/cells.h"
+#include "cpu/vec512.h"
 
 // torch's MKL (when it has one): a thread-local thread count, to keep tiny per-step GEMMs off
 // the thread pool. Weak, so that a torch built without MKL still loads the extension.
@@ -40,6 +42,14 @@ extern "C" void cblas_sgemm_pack(int, int, int, int, int, int, float, const floa
     __attribute__((weak));
 extern "C" void cblas_sgemm_compute(int, int, int, int, int, int, const float*, int, const float*,
                                     int, float, float*, int) __attribute__((weak));
+// torch's BLAS (Fortran interface, column-major), for the unpacked per-step GEMMs without an
+// ATen op around them; weak, with at::mm_out as the fallback.
+extern "C" void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
+                       const float*, const int*, const float*, const int*, const float*, float*,
+                       const int*) __attribute__((weak));
+extern "C" void dgemm_(const char*, const char*, const int*, const int*, const int*,
+                       const double*, const double*, const int*, const double*, const int*,
+                       const double*, double*, const int*) __attribute__((weak));
 
 namespace fusedrnn {
 namespace cpu {
@@ -180,44 +190,68 @@ void mm_rows_out(Tensor& out, const Tensor& a, const Tensor& b) {
 // for a few steps the pack does not amortize.
 constexpr int64_t kPackMinRows = 8, kPackMinSteps = 4;
 
+template <typename T>
 struct PackedWeight {
-  Tensor buffer;  // empty: not packed, use ATen
-  int n = 0, k = 0;
+  Tensor buffer;  // empty: not packed, BLAS on `w` as given
+  const T* w = nullptr;
+  int64_t n = 0, k = 0;
+  bool transpose = false;
 
   // op(W) = W^T when `transpose`, else W (contiguous).
-  template <typename T>
   static PackedWeight make(const Tensor& w, bool transpose, int64_t max_rows, int64_t min_rows,
                            int64_t steps) {
     PackedWeight p;
+    p.w = ptr<T>(w);
+    p.transpose = transpose;
+    p.n = w.size(transpose ? 0 : 1);
+    p.k = w.size(transpose ? 1 : 0);
     if (!std::is_same<T, float>::value || cblas_sgemm_pack == nullptr ||
         cblas_sgemm_compute == nullptr || cblas_sgemm_pack_get_size == nullptr ||
-        min_rows < kPackMinRows || steps < kPackMinSteps || !w.is_contiguous())
+        min_rows < kPackMinRows || steps < kPackMinSteps || p.k == 0)
       return p;
     constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kBMatrix = 162;
-    p.n = static_cast<int>(w.size(transpose ? 0 : 1));
-    p.k = static_cast<int>(w.size(transpose ? 1 : 0));
-    const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, max_rows, p.n, p.k);
+    const int n = static_cast<int>(p.n), k = static_cast<int>(p.k);
+    const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, max_rows, n, k);
     p.buffer = cached_empty({static_cast<int64_t>((bytes + sizeof(float) - 1) / sizeof(float))},
-                         w.options().dtype(at::kFloat));
-    cblas_sgemm_pack(kRowMajor, kBMatrix, transpose ? kTrans : kNoTrans, max_rows, p.n, p.k, 1.0f,
+                            w.options().dtype(at::kFloat));
+    cblas_sgemm_pack(kRowMajor, kBMatrix, transpose ? kTrans : kNoTrans, max_rows, n, k, 1.0f,
                      w.data_ptr<float>(), static_cast<int>(w.size(1)), p.buffer.data_ptr<float>());
     return p;
   }
 
-  // out[m, n] = a[m, k] op(W) (+ out when `accumulate`); out and a have contiguous rows.
-  // `op_w` is op(W) as a tensor, for the unpacked route.
-  void mm_out(Tensor& out, const Tensor& a, const Tensor& op_w, bool accumulate = false) const {
-    if (!buffer.defined()) {
-      if (accumulate)
-        out.addmm_(a, op_w);
-      else
-        at::mm_out(out, a, op_w);
+  // out[m, n] = a[m, k] op(W) (+ out when `accumulate`), rows contiguous (strides k and n).
+  // Straight to BLAS, no ATen op: a small step (batch 1) costs a few microseconds less.
+  void mm(int64_t m, const T* a, T* out, bool accumulate = false) const {
+    if (buffer.defined()) {
+      constexpr int kRowMajor = 101, kNoTrans = 111, kPacked = 151;
+      cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, static_cast<int>(m),
+                          static_cast<int>(n), static_cast<int>(k),
+                          reinterpret_cast<const float*>(a), static_cast<int>(k),
+                          buffer.data_ptr<float>(), static_cast<int>(k), accumulate ? 1.0f : 0.0f,
+                          reinterpret_cast<float*>(out), static_cast<int>(n));
       return;
     }
-    constexpr int kRowMajor = 101, kNoTrans = 111, kPacked = 151;
-    cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, static_cast<int>(a.size(0)), n, k,
-                        a.data_ptr<float>(), k, buffer.data_ptr<float>(), k,
-                        accumulate ? 1.0f : 0.0f, out.data_ptr<float>(), n);
+    // Column-major BLAS: out^T [n, m] = op(W)^T [n, k] a^T [k, m].
+    const char op_w = transpose ? 'T' : 'N', op_a = 'N';
+    const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
+    const int ldw = std::max(transpose ? ki : ni, 1), lda = std::max(ki, 1), ldo = std::max(ni, 1);
+    const T one = 1, beta = accumulate ? 1 : 0;
+    if constexpr (std::is_same<T, float>::value) {
+      if (sgemm_ != nullptr && k > 0)
+        return sgemm_(&op_w, &op_a, &ni, &mi, &ki, &one, w, &ldw, a, &lda, &beta, out, &ldo);
+    } else {
+      if (dgemm_ != nullptr && k > 0)
+        return dgemm_(&op_w, &op_a, &ni, &mi, &ki, &one, w, &ldw, a, &lda, &beta, out, &ldo);
+    }
+    const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+    const Tensor w_t = at::from_blob(const_cast<T*>(w), transpose ? at::IntArrayRef{n, k}
+                                                                    : at::IntArrayRef{k, n}, opts);
+    const Tensor a_t = at::from_blob(const_cast<T*>(a), {m, k}, opts);
+    Tensor out_t = at::from_blob(out, {m, n}, opts);
+    if (accumulate)
+      out_t.addmm_(a_t, transpose ? w_t.t() : w_t);
+    else
+      at::mm_out(out_t, a_t, transpose ? w_t.t() : w_t);
   }
 };
 
@@ -242,6 +276,21 @@ std::pair<int64_t, int64_t> block_rows(const std::vector<Block>& blocks) {
 enum class GemmRoute { kMkl, kOnednnTiles };
 
 const char* route_name(GemmRoute r) { return r == GemmRoute::kMkl ? "mkl" : "onednn"; }
+
+// Whether the float32 forward's pointwise pass runs on AVX-512 vectors (vec512.h): where the
+// build has AVX-512, unless FUSEDRNN_CPU_AVX512=0 asks for the compiler-vectorized float loop
+// (the path of builds without it; for tests and A/B runs). Read once per process.
+bool avx512_pointwise() {
+#if FUSEDRNN_VEC512
+  static const bool on = [] {
+    const char* v = std::getenv("FUSEDRNN_CPU_AVX512");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return on;
+#else
+  return false;
+#endif
+}
 
 // A route forced by FUSEDRNN_CPU_GEMM ("mkl" or "onednn"); unset or "auto": measure.
 c10::optional<GemmRoute> forced_route() {
@@ -413,11 +462,21 @@ struct Kernel {
   // One step's pointwise forward on `n` consecutive rows (all pointers at the first row).
   // kProj: h goes to proj_in (multiplied by W_hr afterwards) instead of to y and the state.
   // kSave: write the activations backward needs (inference skips those stores).
+  // Units [j0, j1) of each row (a tile; all units: 0, H). float32 runs 16 units at a time on
+  // AVX-512 where the build has it (vec512.h), unless FUSEDRNN_CPU_AVX512=0.
   template <bool kProj, bool kSave>
-  // Units [j0, j1) of each row (a tile; all units: 0, H).
   static void pointwise_forward(int64_t n, int64_t H, const T* xg, const T* hg, const T* bias_x,
                                 const T* bias_h, T* h_state, T* c_state, T* save, T* y,
                                 T* proj_in, int64_t j0, int64_t j1) {
+#if FUSEDRNN_VEC512
+    if constexpr (std::is_same<T, float>::value) {
+      if (avx512_pointwise()) {
+        pointwise_forward_x16<kProj, kSave>(n, H, xg, hg, bias_x, bias_h, h_state, c_state, save,
+                                            y, proj_in, j0, j1);
+        return;
+      }
+    }
+#endif
     for (int64_t b = 0; b < n; ++b) {
       const T* __restrict__ xr = xg + b * G * H;
       const T* __restrict__ hr = hg + b * G * H;
@@ -448,6 +507,46 @@ struct Kernel {
     }
   }
 
+#if FUSEDRNN_VEC512
+  // pointwise_forward on F32x16: the cell's forward on 16 units of a row at once, each gate's
+  // values a vector (as the CUDA kernels give it registers: H = 1, j = 0). Rows outermost, so
+  // that memory is read in order (the gate rows can come from DRAM); the last chunk of a row
+  // masks its lanes.
+  template <bool kProj, bool kSave>
+  static void pointwise_forward_x16(int64_t n, int64_t H, const float* xg, const float* hg,
+                                    const float* bias_x, const float* bias_h, float* h_state,
+                                    float* c_state, float* save, float* y, float* proj_in,
+                                    int64_t j0, int64_t j1) {
+    using V = cells::F32x16;
+    for (int64_t b = 0; b < n; ++b) {
+      const float* xr = xg + b * G * H;
+      const float* hr = hg + b * G * H;
+      for (int64_t j = j0; j < j1; j += 16) {
+        const __mmask16 m = V::lanes(j1 - j);
+        V xv[G], hv[G], bx[G], bh[G], sv[S];
+        for (int g = 0; g < G; ++g) {
+          xv[g] = V::load(xr + g * H + j, m);
+          hv[g] = V::load(hr + g * H + j, m);
+          bx[g] = V::load(bias_x + g * H + j, m);
+          bh[g] = V::load(bias_h + g * H + j, m);
+        }
+        V c = Cell::kCellState ? V::load(c_state + b * H + j, m) : V(0.0f);
+        const V h_prev = Cell::kReadsH && !kProj ? V::load(h_state + b * H + j, m) : V(0.0f);
+        const V h = Cell::template forward<kSave>(xv, hv, bx, bh, 1, 0, h_prev, c, sv);
+        if (Cell::kCellState) c.store(c_state + b * H + j, m);
+        if (kProj) {
+          h.store(proj_in + b * H + j, m);
+        } else {
+          h.store(h_state + b * H + j, m);
+          h.store(y + b * H + j, m);
+        }
+        if (kSave)
+          for (int s = 0; s < S; ++s) sv[s].store(save + b * S * H + s * H + j, m);
+      }
+    }
+  }
+#endif
+
   static std::vector<Tensor> forward(const Tensor& xp, const Steps& steps, const Tensor& h0,
                                      const Tensor& c0, const Tensor& w_hh, const Tensor& bias_x,
                                      const Tensor& bias_h, const Tensor& w_hr, bool reverse,
@@ -465,15 +564,15 @@ struct Kernel {
     Tensor h_prev = cached_empty({train ? rows : 0, Hout}, opts);
     Tensor c_prev = cached_empty({train && Cell::kCellState ? rows : 0, H}, opts);
     Tensor proj_in = cached_empty({proj ? (train ? rows : B) : 0, H}, opts);
-    const Tensor w_hh_t = w_hh.t(), w_hr_t = proj ? w_hr.t() : Tensor();
+    const Tensor w_hr_t = proj ? w_hr.t() : Tensor();
     const int64_t step_flops = 2 * B * Hout * G * H;
     const std::vector<Block> blocks = row_blocks(steps);
     const auto rows_range = block_rows(blocks);
     // A bf16 w_hh (a bfloat16 module) runs the tiles with bf16 operands.
     const bool tiles = route == GemmRoute::kOnednnTiles || w_hh.scalar_type() == at::kBFloat16;
-    const PackedWeight w_hh_packed =
-        tiles ? PackedWeight()
-              : PackedWeight::make<T>(w_hh, /*transpose=*/true, rows_range.first,
+    const PackedWeight<T> w_hh_packed =
+        tiles ? PackedWeight<T>()
+              : PackedWeight<T>::make(w_hh, /*transpose=*/true, rows_range.first,
                                       rows_range.second, steps.count());
     PanelGemm tile_ops =
         tiles ? PanelGemm::make(w_hh.t(), gate_tiles(G, H), B, opts) : PanelGemm();
@@ -488,23 +587,23 @@ struct Kernel {
         const int64_t t = steps.visit(k, reverse), n = steps.size[t];
         if (n <= r0) continue;
         const int64_t nb = std::min(n, blk.end) - r0, row = steps.offset[t] + r0;
-        Tensor h_blk = h_state.narrow(0, r0, nb), hg_blk = hg.narrow(0, r0, nb);
+        T* const h_blk = ptr<T>(h_state) + r0 * Hout;
         if (train) {
-          std::memcpy(ptr<T>(h_prev) + row * Hout, ptr<T>(h_blk), nb * Hout * sizeof(T));
+          std::memcpy(ptr<T>(h_prev) + row * Hout, h_blk, nb * Hout * sizeof(T));
           if (Cell::kCellState)
             std::memcpy(ptr<T>(c_prev) + row * H, ptr<T>(c_state) + r0 * H, nb * H * sizeof(T));
         }
         const int64_t save_row = train ? row : r0;  // proj_in is scratch in inference
         T* save = train ? ptr<T>(act) + row * S * H : nullptr;
         const T* xg = ptr<T>(xp) + row * G * H;
-        T* hg_rows = ptr<T>(hg_blk);
+        T* hg_rows = ptr<T>(hg) + r0 * G * H;
         T* c_blk = Cell::kCellState ? ptr<T>(c_state) + r0 * H : nullptr;
         T* pin = proj ? ptr<T>(proj_in) + save_row * H : nullptr;
-        T* h_out = proj ? nullptr : ptr<T>(h_blk);
+        T* h_out = proj ? nullptr : h_blk;
         T* y_out = proj ? nullptr : ptr<T>(y) + row * H;
         if (tiles) {
           if constexpr (std::is_same<T, float>::value) {
-            tile_ops.load_a(r0, nb, ptr<T>(h_blk), Hout);
+            tile_ops.load_a(r0, nb, h_blk, Hout);
             for (int64_t u0 = 0, panel = 0; u0 < H; u0 += kTileUnits) {
               for (int64_t g = 0; g < G; ++g, ++panel)
                 tile_ops.gemm(r0, nb, panel, hg_rows + g * H + u0, G * H);
@@ -513,14 +612,14 @@ struct Kernel {
             }
           }
         } else {
-          w_hh_packed.mm_out(hg_blk, h_blk, w_hh_t);
+          w_hh_packed.mm(nb, h_blk, hg_rows);
           pointwise(nb, H, xg, hg_rows, ptr<T>(bias_x), ptr<T>(bias_h), h_out, c_blk, save,
                     y_out, pin, 0, H);
         }
         if (proj) {
           Tensor y_blk = y.narrow(0, row, nb);
           at::mm_out(y_blk, proj_in.narrow(0, save_row, nb), w_hr_t);
-          h_blk.copy_(y_blk);
+          h_state.narrow(0, r0, nb).copy_(y_blk);
         }
       }
       if (tiles) at::native::cpublas::brgemm_release(tile_ops.vnni);
@@ -653,9 +752,9 @@ struct Kernel {
     const auto rows_range = block_rows(blocks);
     // A bf16 w_hh (a bfloat16 module): the step GEMMs d(hg) W_hh on bf16 operands, by oneDNN.
     const bool bf16 = w_hh.scalar_type() == at::kBFloat16;
-    const PackedWeight w_hh_packed =
-        bf16 ? PackedWeight()
-             : PackedWeight::make<T>(w_hh, /*transpose=*/false, rows_range.first,
+    const PackedWeight<T> w_hh_packed =
+        bf16 ? PackedWeight<T>()
+             : PackedWeight<T>::make(w_hh, /*transpose=*/false, rows_range.first,
                                      rows_range.second, steps.count());
     PanelGemm dh_ops = bf16 ? PanelGemm::make(w_hh, column_panels(Hout), B, opts) : PanelGemm();
     for_each_block(blocks, 2 * B * Hout * G * H, [&](const Block& blk) {
@@ -667,30 +766,30 @@ struct Kernel {
         const int64_t t = steps.visit(k, reverse), n = steps.size[t];
         if (n <= r0) continue;
         const int64_t nb = std::min(n, blk.end) - r0, row = steps.offset[t] + r0;
-        Tensor dh_blk = dh_state.narrow(0, r0, nb);
+        T* const dh_blk = ptr<T>(dh_state) + r0 * Hout;
         const T* save = ptr<T>(act) + row * S * H;
         T* dxg_blk = ptr<T>(dxg) + row * G * H;
         T* dhg_blk = ptr<T>(dhg) + row * G * H;
         T* dc_blk = Cell::kCellState ? ptr<T>(dc_state) + r0 * H : nullptr;
         if (proj) {
           Tensor dh_t = dh_total.narrow(0, row, nb), dproj_blk = dproj_in.narrow(0, r0, nb);
-          at::add_out(dh_t, dh_blk, grad_y.narrow(0, row, nb));
+          at::add_out(dh_t, dh_state.narrow(0, r0, nb), grad_y.narrow(0, row, nb));
           at::mm_out(dproj_blk, dh_t, w_hr);
           pointwise_backward<true>(nb, H, save, nullptr, ptr<T>(c_prev) + row * H,
                                    ptr<T>(dproj_blk), nullptr, dc_blk, dxg_blk, dhg_blk, dbx, dbh);
         } else {
           pointwise_backward<false>(nb, H, save, ptr<T>(h_prev) + row * Hout,
                                     Cell::kCellState ? ptr<T>(c_prev) + row * H : nullptr,
-                                    ptr<T>(grad_y) + row * Hout, ptr<T>(dh_blk), dc_blk, dxg_blk,
+                                    ptr<T>(grad_y) + row * Hout, dh_blk, dc_blk, dxg_blk,
                                     dhg_blk, dbx, dbh);
         }
         // GRU: the cell already wrote its direct term into dh.
         if (!bf16) {
-          w_hh_packed.mm_out(dh_blk, dhg.narrow(0, row, nb), w_hh, Cell::kSplitHiddenGrad);
+          w_hh_packed.mm(nb, dhg_blk, dh_blk, Cell::kSplitHiddenGrad);
         } else if constexpr (std::is_same<T, float>::value) {
           dh_ops.load_a(r0, nb, dhg_blk, G * H);
           for (size_t i = 0; i < dh_ops.width.size(); ++i)
-            dh_ops.gemm(r0, nb, i, ptr<T>(dh_blk) + i * kTileUnits, Hout,
+            dh_ops.gemm(r0, nb, i, dh_blk + i * kTileUnits, Hout,
                         Cell::kSplitHiddenGrad);
         }
       }
@@ -782,6 +881,7 @@ std::vector<int64_t> cell_traits(const std::string& cell) {
 
 std::string onednn_route_reason() { return onednn_unavailable_reason(); }
 std::string bf16_route_reason() { return bf16_tiles_unavailable_reason(); }
+std::string pointwise_isa() { return avx512_pointwise() ? "avx512" : "compiler-vectorized"; }
 
 std::vector<std::string> gemm_routes() {
   std::vector<std::string> out;

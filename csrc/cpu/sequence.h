@@ -41,6 +41,9 @@ std::vector<std::string> gemm_routes();
 std::string onednn_route_reason();
 // Why the tiles cannot run a bfloat16 module's GEMMs in bf16 here ("" when they can).
 std::string bf16_route_reason();
+// How the float32 forward's pointwise pass runs: "avx512" (csrc/cpu/vec512.h) or
+// "compiler-vectorized" (a build without AVX-512, or FUSEDRNN_CPU_AVX512=0).
+std::string pointwise_isa();
 
 // The whole-sequence GEMMs: a @ b (input projection, dx) split over rows by hand across the
 // intra-op threads (bf16 operands give a float32 result); a^T @ b (weight gradients) as one

@@ -1,0 +1,102 @@
+// Sixteen floats in an AVX-512 register, and the cell math on them: the CPU forward runs each
+// cell's own `forward` (csrc/cells/*.h) on F32x16 values, 16 hidden units at a time.
+//
+// Why not the auto-vectorized float loop: GCC vectorizes Math<float> (common.h), but its exp
+// needs compares and blends for the range ends and each sigmoid/tanh a divide, ~200 vector
+// operations per 16 LSTM units. Here exp scales by 2^n with vscalefps (which gives inf and 0 at
+// the ends by itself), its polynomial absorbs the argument's factor, and the reciprocals are
+// vrcp14ps plus one Newton step: the LSTM pass ran 1.6x faster (2.8 -> 1.75 ns per unit on an
+// Intel Xeon, hidden 128, data in L2). Accuracy against float64 over [-100, 100]: sigmoid
+// within 2.3 ulp and tanh within 2.6 ulp (the float loop: 1.3 and 2.3); tests/test_backend_cpu.py
+// holds both to 4.
+#pragma once
+
+#if defined(__AVX512F__)
+#define FUSEDRNN_VEC512 1
+#include <immintrin.h>
+
+#include "cells/common.h"
+
+namespace fusedrnn {
+namespace cells {
+
+struct F32x16 {
+  __m512 v;
+  F32x16() = default;
+  F32x16(float s) : v(_mm512_set1_ps(s)) {}  // NOLINT: the cells write T(1), T(0)
+  explicit F32x16(__m512 x) : v(x) {}
+
+  // Lanes [0, n) of p (n <= 16); the others read as 0.
+  static __mmask16 lanes(int64_t n) {
+    return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1u);
+  }
+  static F32x16 load(const float* p, __mmask16 m) { return F32x16(_mm512_maskz_loadu_ps(m, p)); }
+  void store(float* p, __mmask16 m) const { _mm512_mask_storeu_ps(p, m, v); }
+};
+
+inline F32x16 operator+(F32x16 a, F32x16 b) { return F32x16(_mm512_add_ps(a.v, b.v)); }
+inline F32x16 operator-(F32x16 a, F32x16 b) { return F32x16(_mm512_sub_ps(a.v, b.v)); }
+inline F32x16 operator*(F32x16 a, F32x16 b) { return F32x16(_mm512_mul_ps(a.v, b.v)); }
+
+template <>
+struct Math<F32x16> {
+  static __m512 all(float x) { return _mm512_set1_ps(x); }
+
+  // exp(k x), k in {-1, 2} (exact powers of two up to sign): n = round(k x / ln 2) and
+  // s = x - n ln2 / k, so k x = n ln2 + k s; exp(k s) is a degree-5 polynomial in s whose
+  // coefficients absorb k^i, and vscalefps multiplies by 2^n. x is clamped so that k x stays
+  // in [-86.5, 89]: below, the result stays a normal float (no denormal slow paths), and it is
+  // too small to change 1 + exp; above, 2^n overflows to inf, as exp does. NaN passes: max and
+  // min return their second operand when either is NaN.
+  template <int k>
+  static __m512 exp_times(__m512 x) {
+    constexpr float lo = k > 0 ? -86.5f / k : 89.0f / k, hi = k > 0 ? 89.0f / k : -86.5f / k;
+    constexpr float K = static_cast<float>(k);
+    const __m512 xc = _mm512_min_ps(all(hi), _mm512_max_ps(all(lo), x));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, all(K * 1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 s = _mm512_fnmadd_ps(n, all(0.693359375f / K), xc);  // ln 2 in two parts
+    s = _mm512_fnmadd_ps(n, all(-2.12194440e-4f / K), s);
+    // exp(r) on |r| <= ln2/2, a least-squares minimax fit: relative error 1.3e-7
+    __m512 p = all(8.297654800e-3f * K * K * K * K * K);
+    p = _mm512_fmadd_ps(p, s, all(4.191538319e-2f * K * K * K * K));
+    p = _mm512_fmadd_ps(p, s, all(1.666757464e-1f * K * K * K));
+    p = _mm512_fmadd_ps(p, s, all(4.999889433e-1f * K * K));
+    p = _mm512_fmadd_ps(p, s, all(9.999997020e-1f * K));
+    p = _mm512_fmadd_ps(p, s, all(1.000000119f));
+    return _mm512_scalef_ps(p, n);
+  }
+
+  // 1 / d for d in [1, inf]: vrcp14ps (14 bits) and one Newton step (~24 bits); d = inf keeps
+  // the estimate's exact 0 (the Newton step would make it 0 * inf = NaN).
+  static __m512 reciprocal(__m512 d) {
+    const __m512 r0 = _mm512_rcp14_ps(d);
+    const __m512 e = _mm512_fnmadd_ps(d, r0, all(1.0f));
+    const __mmask16 finite = _mm512_cmp_ps_mask(d, all(__builtin_inff()), _CMP_LT_OQ);
+    return _mm512_mask_fmadd_ps(r0, finite, e, r0);
+  }
+
+  static F32x16 sigmoid(F32x16 x) {
+    return F32x16(reciprocal(_mm512_add_ps(exp_times<-1>(x.v), all(1.0f))));
+  }
+  // |x| < 0.625: the odd polynomial of Math<float>::tanh (relative accuracy near 0); else
+  // 1 - 2 / (exp(2x) + 1), which is exact only in absolute terms.
+  static F32x16 tanh(F32x16 x) {
+    const __m512 q = reciprocal(_mm512_add_ps(exp_times<2>(x.v), all(1.0f)));
+    const __m512 large = _mm512_fnmadd_ps(all(2.0f), q, all(1.0f));
+    const __m512 z = _mm512_mul_ps(x.v, x.v);
+    __m512 p = _mm512_fmadd_ps(all(-5.70498872745e-3f), z, all(2.06390887954e-2f));
+    p = _mm512_fmadd_ps(p, z, all(-5.37397155531e-2f));
+    p = _mm512_fmadd_ps(p, z, all(1.33314422036e-1f));
+    p = _mm512_fmadd_ps(p, z, all(-3.33332819422e-1f));
+    const __m512 small = _mm512_fmadd_ps(_mm512_mul_ps(p, z), x.v, x.v);
+    const __mmask16 is_small = _mm512_cmp_ps_mask(z, all(0.390625f), _CMP_LT_OQ);
+    return F32x16(_mm512_mask_blend_ps(is_small, large, small));
+  }
+  // NaN passes through, as in torch.relu (max returns its second operand for NaN).
+  static F32x16 relu(F32x16 x) { return F32x16(_mm512_max_ps(_mm512_setzero_ps(), x.v)); }
+};
+
+}  // namespace cells
+}  // namespace fusedrnn
+#endif
