@@ -56,10 +56,11 @@ def main(args):
 
 
 def cpu_model_and_flags():
-    """The CPU's model name and its vector and matrix ISA flags, as fusedrnn.cpu_info() says."""
+    """The CPU's model name, its vector and matrix ISA flags and how the float32 pointwise pass
+    runs, as fusedrnn.cpu_info() says."""
     from fusedrnn import cpu_info
     info = cpu_info()
-    return info["cpu"], info["isa"]
+    return info["cpu"], info["isa"], info.get("pointwise", "unknown")
 
 
 def render(data, wall, command, wait_policy, load_before, out_path):
@@ -74,7 +75,7 @@ def render(data, wall, command, wait_policy, load_before, out_path):
         best[(info["kind"], info["shape"], info["mode"], info["impl"])] = (b["stats"]["min"],
                                                                            info["flops"])
     threads = data["benchmarks"][0]["extra_info"]["threads"]
-    model, flags = cpu_model_and_flags()
+    model, flags, pointwise = cpu_model_and_flags()
     import torch
     lines = [f"# CPU speed: fusedrnn `cpu` vs torch.nn ({threads} threads, float32)", "",
              f"Command: `{command}` (wall {wall:.0f} s). Machine: {model}, "
@@ -82,10 +83,13 @@ def render(data, wall, command, wait_policy, load_before, out_path):
              f"torch {torch.__version__}, {data['datetime']}; "
              f"load average before the run {load_before:.2f} (2 cores: anything near 1 or more "
              "means other jobs shared the machine and absolute times are noisy): read the "
-             "ratios (min over rounds of one run). "
+             "ratios (min over rounds of one run; a round is one call, or a ~10 ms loop of calls "
+             "for a layer faster than that). "
              f"OMP_WAIT_POLICY={wait_policy or '(unset: libgomp default)'}. Forward GEMM route: "
              f"FUSEDRNN_CPU_GEMM={os.environ.get('FUSEDRNN_CPU_GEMM') or 'auto'} "
-             "(auto: measured per layer shape at first use).", "",
+             "(auto: measured per layer shape at first use). float32 pointwise pass: "
+             f"{pointwise} (FUSEDRNN_CPU_AVX512={os.environ.get('FUSEDRNN_CPU_AVX512') or 'unset'}).",
+             "",
              f"Measured GEMM peak (torch.mm 1024^3, MKL): **{peak:.0f} GFLOP/s**." if peak else "", "",
              "Ratio = torch.nn time / implementation time (>1: faster than torch.nn). "
              "Packed columns: packed input with lengths spread over 50-100 % of T, against the padded "

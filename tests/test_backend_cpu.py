@@ -359,6 +359,10 @@ def test_cpu_info_reports_the_machine_and_measured_routes(monkeypatch):
     assert info["cpu"] and info["isa"]
     assert info["onednn_route"].startswith(("available", "unavailable: "))
     assert info["bf16_route"].startswith(("available", "unavailable: "))
+    # (avx512 needs the CPU and a build for it: FUSEDRNN_ARCH_FLAGS can build without)
+    assert info["pointwise"] in ("avx512", "compiler-vectorized")
+    if "avx512f" not in info["isa"].split():
+        assert info["pointwise"] == "compiler-vectorized"
     assert any(line.startswith(f"rnn_tanh batch 2 hidden {hidden},") and
                (": mkl (" in line or ": onednn (" in line) for line in info["measured_routes"])
 

@@ -78,7 +78,10 @@ class BufferCache {
       in_use_.erase(it);
       in_use_bytes_ -= bytes;
       if (idle_bytes_ + bytes <= idle_limit()) {
-        idle_.emplace(bytes, p);
+        // First among the idle blocks of its size, so that take() hands it out next: the
+        // block last used is still in cache and TLB. (Inserted last, a layer called in a loop
+        // cycled through every idle block of its sizes and ran ~20 % slower.)
+        idle_.emplace_hint(idle_.lower_bound(bytes), bytes, p);
         idle_bytes_ += bytes;
         return;
       }
