@@ -5,7 +5,7 @@
 // needs compares and blends for the range ends and each sigmoid/tanh a divide, ~200 vector
 // operations per 16 LSTM units. Here exp scales by 2^n with vscalefps (which gives inf and 0 at
 // the ends by itself), its polynomial absorbs the argument's factor, and the reciprocals are
-// vrcp14ps plus one Newton step: the LSTM pass ran 1.6x faster (2.8 -> 1.75 ns per unit on an
+// vrcp14ps plus one Newton step: the LSTM pass ran 1.6x faster (2.9 -> 1.8 ns per unit on an
 // Intel Xeon, hidden 128, data in L2). Accuracy against float64 over [-100, 100]: sigmoid
 // within 2.3 ulp and tanh within 2.6 ulp (the float loop: 1.3 and 2.3); tests/test_backend_cpu.py
 // holds both to 4.
