@@ -353,7 +353,7 @@ def test_gemm_route_setting_errors(monkeypatch):
 def test_cpu_info_reports_the_machine_and_measured_routes(monkeypatch):
     monkeypatch.delenv("FUSEDRNN_CPU_GEMM", raising=False)
     hidden = 40 + torch.randint(0, 1000, ()).item()  # a shape no other test measured
-    fusedrnn.RNN(3, hidden, backend="cpu")(torch.randn(3, 2, 3))
+    fusedrnn.RNN(3, hidden, backend="cpu")(torch.randn(3, 2, 3))[0].sum().backward()
     info = fusedrnn.cpu_info()
     assert info["gemm_route"] == "auto" and info["threads"] == torch.get_num_threads()
     assert info["cpu"] and info["isa"]
@@ -363,8 +363,10 @@ def test_cpu_info_reports_the_machine_and_measured_routes(monkeypatch):
     assert info["pointwise"] in ("avx512", "compiler-vectorized")
     if "avx512f" not in info["isa"].split():
         assert info["pointwise"] == "compiler-vectorized"
-    assert any(line.startswith(f"rnn_tanh batch 2 hidden {hidden},") and
-               (": mkl (" in line or ": onednn (" in line) for line in info["measured_routes"])
+    for kind in ("", " backward"):  # the forward's and the backward's step GEMMs
+        assert any(line.startswith(f"rnn_tanh{kind} batch 2 hidden {hidden},") and
+                   (": mkl (" in line or ": onednn (" in line)
+                   for line in info["measured_routes"]), kind
 
 
 def _gate_activations(x):

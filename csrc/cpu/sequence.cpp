@@ -265,14 +265,17 @@ std::pair<int64_t, int64_t> block_rows(const std::vector<Block>& blocks) {
   return {max_rows, min_rows};
 }
 
-// The forward's recurrent GEMM route. kMkl: per step one MKL GEMM over the block's rows into
-// the gate buffer, then one pointwise pass over it. kOnednnTiles: per step and tile of
+// The recurrent GEMMs' route. Forward, kMkl: per step one MKL GEMM over the block's rows into
+// the gate buffer, then one pointwise pass over it; kOnednnTiles: per step and tile of
 // kTileUnits hidden units, oneDNN's brgemm micro-kernel (JIT-compiled for this CPU) computes
 // the tile's G gate columns and the pointwise pass runs on them while they are still in cache.
-// Which is faster depends on the shape and the machine (on an Intel Xeon with AMX: within 5 %
-// up to hidden 200, MKL 10-25 % faster at 500), so it is measured per float32 layer shape at
-// first use (choose_route) unless FUSEDRNN_CPU_GEMM names one. float64 runs MKL; a bfloat16
-// module's bf16 weights always run the tiles, on bf16 operands (PanelGemm).
+// Backward, per step d(hg) W_hh: one MKL GEMM, or brgemm over column panels of W_hh (no
+// per-step packing of d(hg)). Which is faster depends on the shape and the machine (on an
+// Intel Xeon with AMX: forward within 5 % up to hidden 200, MKL 10-25 % faster at 500;
+// backward panels 15-25 % faster from hidden 128 up, slower at batch 1), so it is measured
+// per pass and float32 layer shape at first use (pick_route) unless FUSEDRNN_CPU_GEMM names
+// one. float64 runs MKL; a bfloat16 module's bf16 weights always run the tiles, on bf16
+// operands (PanelGemm).
 enum class GemmRoute { kMkl, kOnednnTiles };
 
 const char* route_name(GemmRoute r) { return r == GemmRoute::kMkl ? "mkl" : "onednn"; }
@@ -430,9 +433,9 @@ std::string bf16_tiles_unavailable_reason() {
   return probe;
 }
 
-// The measured choices, one per layer shape and thread count, kept for the process (like
-// cuDNN's benchmark mode).
-using RouteKey = std::tuple<std::string, int64_t, int64_t, int64_t, bool, int>;  // cell, B, H, Hout, proj, threads
+// The measured choices, one per pass, layer shape and thread count, kept for the process
+// (like cuDNN's benchmark mode).
+using RouteKey = std::tuple<std::string, bool, int64_t, int64_t, int64_t, bool, int>;  // cell, backward, B, H, Hout, proj, threads
 struct RouteRecord {
   GemmRoute route;
   double mkl_us, onednn_us;  // per step, the best of the rounds
@@ -453,6 +456,64 @@ c10::optional<GemmRoute> recorded_route(const RouteKey& key) {
   const auto found = route_table().records.find(key);
   if (found == route_table().records.end()) return c10::nullopt;
   return found->second.route;
+}
+
+// The first steps of a call, as a sequence of their own: what a route probe runs. Up to 16
+// steps, fewer for wide layers, so that one run stays within ~2 GFLOP.
+std::pair<Steps, int64_t> probe_head(const Steps& steps, int64_t step_flops) {
+  const int64_t probe_steps = std::clamp<int64_t>((int64_t(1) << 31) / step_flops, 2, 16);
+  Steps head;
+  int64_t rows = 0;
+  for (int64_t t = 0; t < std::min(steps.count(), probe_steps); ++t) {
+    head.size.push_back(steps.size[t]);
+    head.offset.push_back(steps.offset[t]);
+    rows += steps.size[t];
+  }
+  return {head, rows};
+}
+
+// A pass's GEMM route for a float32 call: forced by FUSEDRNN_CPU_GEMM, MKL where oneDNN cannot
+// run, recorded for its key, or measured now: `run(route, reps)` runs the call's first steps
+// (probe_head) `reps` times and returns the microseconds per step; both routes run
+// interleaved, best of three rounds. Past 1 GFLOP per step both routes are GEMM-bound and a
+// probe would cost seconds, so MKL runs unmeasured (as it does with nothing to measure).
+template <typename Run>
+GemmRoute pick_route(const RouteKey& key, int64_t step_flops, int64_t head_steps,
+                     const Run& run) {
+  const std::string unavailable = onednn_unavailable_reason();
+  if (const auto forced = forced_route()) {
+    TORCH_CHECK(*forced == GemmRoute::kMkl || unavailable.empty(),
+                "fusedrnn: FUSEDRNN_CPU_GEMM=onednn, but it cannot run here: ", unavailable);
+    return *forced;
+  }
+  if (!unavailable.empty()) return GemmRoute::kMkl;
+  if (const auto known = recorded_route(key)) return *known;
+  if (step_flops == 0 || step_flops > (int64_t(1) << 30)) return GemmRoute::kMkl;
+  run(GemmRoute::kMkl, 1), run(GemmRoute::kOnednnTiles, 1);  // warm: buffers, the JIT
+  // Rounds of at least ~1 ms each, so that a small layer's probe is not one timer tick.
+  const double first = run(GemmRoute::kMkl, 1) * head_steps;
+  const int reps = static_cast<int>(std::clamp(1000.0 / std::max(first, 1.0), 1.0, 64.0));
+  double mkl_us = 1e300, onednn_us = 1e300;
+  for (int round = 0; round < 3; ++round) {
+    mkl_us = std::min(mkl_us, run(GemmRoute::kMkl, reps));
+    onednn_us = std::min(onednn_us, run(GemmRoute::kOnednnTiles, reps));
+  }
+  // The tiles must win by 5 %: the forward probe's short, cache-warm run favoured them by ~3 %
+  // on shapes (LSTM hidden 128, 2 threads) where whole calls ran 5-10 % faster on MKL.
+  const GemmRoute route =
+      onednn_us < 0.95 * mkl_us ? GemmRoute::kOnednnTiles : GemmRoute::kMkl;
+  std::lock_guard<std::mutex> guard(route_table().lock);
+  route_table().records[key] = {route, mkl_us, onednn_us};
+  return route;
+}
+
+// Microseconds per step of `reps` runs of f over `steps` steps.
+template <typename F>
+double us_per_step(int reps, int64_t steps, const F& f) {
+  const auto start = std::chrono::steady_clock::now();
+  for (int r = 0; r < reps; ++r) f();
+  return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start)
+             .count() / (reps * steps);
 }
 
 template <typename Cell, typename T>
@@ -629,61 +690,22 @@ struct Kernel {
     return {y, h_state, c_state, act, h_prev, c_prev, proj_in};
   }
 
-  // The forward's GEMM route for a call: forced, the only one (float64), recorded for its
-  // shape, or measured now: both routes run the call's first steps (inference, on its own
-  // input), interleaved, best of three rounds.
+  // The forward's GEMM route for a call (pick_route): float64 and a zero-width h run MKL (no
+  // step GEMM to tile); the probe runs inference on the call's own input.
   static GemmRoute choose_route(const std::string& cell, const Tensor& xp, const Steps& steps,
                                 const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
                                 const Tensor& bias_x, const Tensor& bias_h, const Tensor& w_hr) {
-    // (float64, or a zero-width h: no step GEMM to tile)
     if (!std::is_same<T, float>::value || h0.size(1) == 0) return GemmRoute::kMkl;
-    const std::string unavailable = onednn_unavailable_reason();
-    if (const auto forced = forced_route()) {
-      TORCH_CHECK(*forced == GemmRoute::kMkl || unavailable.empty(),
-                  "fusedrnn: FUSEDRNN_CPU_GEMM=onednn, but it cannot run here: ", unavailable);
-      return *forced;
-    }
-    if (!unavailable.empty()) return GemmRoute::kMkl;
-    const RouteKey key{cell, steps.size[0], w_hh.size(0) / G, h0.size(1), w_hr.defined(),
-                       at::get_num_threads()};
-    if (const auto known = recorded_route(key)) return *known;
-    // The probe runs up to 16 steps, fewer for wide layers, so that one run stays within
-    // ~2 GFLOP; past 1 GFLOP per step both routes are GEMM-bound and a probe would cost
-    // seconds, so MKL runs unmeasured (as it does for an empty batch: nothing to measure).
+    const RouteKey key{cell, false, steps.size[0], w_hh.size(0) / G, h0.size(1),
+                       w_hr.defined(), at::get_num_threads()};
     const int64_t step_flops = 2 * steps.size[0] * h0.size(1) * w_hh.size(0);
-    if (step_flops == 0 || step_flops > (int64_t(1) << 30)) return GemmRoute::kMkl;
-    const int64_t probe_steps = std::clamp<int64_t>((int64_t(1) << 31) / step_flops, 2, 16);
-    Steps head;
-    int64_t rows = 0;
-    for (int64_t t = 0; t < std::min(steps.count(), probe_steps); ++t) {
-      head.size.push_back(steps.size[t]);
-      head.offset.push_back(steps.offset[t]);
-      rows += steps.size[t];
-    }
+    const auto [head, rows] = probe_head(steps, std::max<int64_t>(step_flops, 1));
     const Tensor xp_head = xp.narrow(0, 0, rows);
-    auto step_us = [&](GemmRoute route, int reps) {
-      const auto start = std::chrono::steady_clock::now();
-      for (int r = 0; r < reps; ++r)
+    return pick_route(key, step_flops, head.count(), [&](GemmRoute route, int reps) {
+      return us_per_step(reps, head.count(), [&] {
         forward(xp_head, head, h0, c0, w_hh, bias_x, bias_h, w_hr, false, false, route);
-      return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - start)
-                 .count() / (reps * head.count());
-    };
-    step_us(GemmRoute::kMkl, 1), step_us(GemmRoute::kOnednnTiles, 1);  // warm: buffers, the JIT
-    // Rounds of at least ~1 ms each, so that a small layer's probe is not one timer tick.
-    const double first = step_us(GemmRoute::kMkl, 1) * head.count();
-    const int reps = static_cast<int>(std::clamp(1000.0 / std::max(first, 1.0), 1.0, 64.0));
-    double mkl_us = 1e300, onednn_us = 1e300;
-    for (int round = 0; round < 3; ++round) {
-      mkl_us = std::min(mkl_us, step_us(GemmRoute::kMkl, reps));
-      onednn_us = std::min(onednn_us, step_us(GemmRoute::kOnednnTiles, reps));
-    }
-    // The tiles must win by 5 %: the probe's short, cache-warm run favoured them by ~3 % on
-    // shapes (LSTM hidden 128, 2 threads) where whole calls ran 5-10 % faster on MKL.
-    const GemmRoute route =
-        onednn_us < 0.95 * mkl_us ? GemmRoute::kOnednnTiles : GemmRoute::kMkl;
-    std::lock_guard<std::mutex> guard(route_table().lock);
-    route_table().records[key] = {route, mkl_us, onednn_us};
-    return route;
+      });
+    });
   }
 
   // One step's pointwise backward on `n` consecutive rows (pointers at the first row). dh of
@@ -736,7 +758,8 @@ struct Kernel {
                                       bool reverse, const Tensor& act, const Tensor& h_prev,
                                       const Tensor& c_prev, const Tensor& proj_in,
                                       const Tensor& grad_y, const Tensor& grad_hn,
-                                      const Tensor& grad_cn) {
+                                      const Tensor& grad_cn, GemmRoute route,
+                                      bool weight_grads = true) {
     const int64_t rows = act.size(0), B = grad_hn.size(0), H = w_hh.size(0) / G;
     const int64_t Hout = grad_hn.size(1);
     const bool proj = w_hr.defined();
@@ -753,13 +776,17 @@ struct Kernel {
     Tensor dbx_part = at::zeros({nblocks, G * H}, opts);
     Tensor dbh_part = Cell::kSplitHiddenGrad ? at::zeros_like(dbx_part) : dbx_part;
     const auto rows_range = block_rows(blocks);
-    // A bf16 w_hh (a bfloat16 module): the step GEMMs d(hg) W_hh on bf16 operands, by oneDNN.
+    // The step GEMMs d(hg) W_hh: MKL (packed W_hh) or oneDNN's brgemm in column panels of
+    // W_hh, by the measured route; a bf16 w_hh (a bfloat16 module) always runs the panels, on
+    // bf16 operands.
     const bool bf16 = w_hh.scalar_type() == at::kBFloat16;
+    const bool tiles =
+        std::is_same<T, float>::value && (bf16 || route == GemmRoute::kOnednnTiles);
     const PackedWeight<T> w_hh_packed =
-        bf16 ? PackedWeight<T>()
-             : PackedWeight<T>::make(w_hh, /*transpose=*/false, rows_range.first,
-                                     rows_range.second, steps.count());
-    PanelGemm dh_ops = bf16 ? PanelGemm::make(w_hh, column_panels(Hout), B, opts) : PanelGemm();
+        tiles ? PackedWeight<T>()
+              : PackedWeight<T>::make(w_hh, /*transpose=*/false, rows_range.first,
+                                      rows_range.second, steps.count());
+    PanelGemm dh_ops = tiles ? PanelGemm::make(w_hh, column_panels(Hout), B, opts) : PanelGemm();
     for_each_block(blocks, 2 * B * Hout * G * H, [&](const Block& blk) {
       c10::NoGradGuard no_grad;
       const int64_t r0 = blk.begin;
@@ -787,7 +814,7 @@ struct Kernel {
                                     dhg_blk, dbx, dbh);
         }
         // GRU: the cell already wrote its direct term into dh.
-        if (!bf16) {
+        if (!tiles) {
           w_hh_packed.mm(nb, dhg_blk, dh_blk, Cell::kSplitHiddenGrad);
         } else if constexpr (std::is_same<T, float>::value) {
           dh_ops.load_a(r0, nb, dhg_blk, G * H);
@@ -796,8 +823,9 @@ struct Kernel {
                         Cell::kSplitHiddenGrad);
         }
       }
-      if (bf16) at::native::cpublas::brgemm_release(dh_ops.vnni);
+      if (tiles) at::native::cpublas::brgemm_release(dh_ops.vnni);
     });
+    if (!weight_grads) return {};  // (a route probe: it times the step loop only)
     // Weight gradients: a few large GEMMs over all rows instead of one per step (bf16
     // operands for a bfloat16 module: its gradient is rounded to bf16 anyway).
     Tensor dw_hh = bf16 ? at::mm(dhg.to(at::kBFloat16).t(), h_prev.to(at::kBFloat16)).to(at::kFloat)
@@ -808,6 +836,33 @@ struct Kernel {
     Tensor db_hh = Cell::kSplitHiddenGrad ? dbh_part.sum(0) : db_ih.clone();
     Tensor dw_hr = proj ? mm_tn(dh_total, proj_in) : at::empty({0}, opts);
     return {dxg, dh_state, dc_state, dw_hh, db_hh, dw_hr, db_ih};
+  }
+
+  // The backward's GEMM route for a call (pick_route), measured apart from the forward's: here
+  // oneDNN's panels skip MKL's per-step packing of d(hg) (LSTM hidden 128: the backward 21 %
+  // faster) but lose at batch 1. The probe runs the step loop of the backward of the call's
+  // first steps (the weight-gradient GEMMs after it are the same on both routes).
+  static GemmRoute choose_backward_route(const std::string& cell, const Steps& steps,
+                                         const Tensor& w_hh, const Tensor& w_hr, bool reverse,
+                                         const Tensor& act, const Tensor& h_prev,
+                                         const Tensor& c_prev, const Tensor& proj_in,
+                                         const Tensor& grad_y, const Tensor& grad_hn,
+                                         const Tensor& grad_cn) {
+    if (!std::is_same<T, float>::value || w_hh.size(1) == 0) return GemmRoute::kMkl;
+    const RouteKey key{cell, true, steps.size[0], w_hh.size(0) / G, w_hh.size(1),
+                       w_hr.defined(), at::get_num_threads()};
+    const int64_t step_flops = 2 * steps.size[0] * w_hh.size(1) * w_hh.size(0);
+    const auto [head, rows] = probe_head(steps, std::max<int64_t>(step_flops, 1));
+    auto first_rows = [rows = rows](const Tensor& t) {
+      return t.size(0) == 0 ? t : t.narrow(0, 0, rows);
+    };
+    const Tensor a = first_rows(act), hp = first_rows(h_prev), cp = first_rows(c_prev),
+                 pi = first_rows(proj_in), gy = first_rows(grad_y);
+    return pick_route(key, step_flops, head.count(), [&](GemmRoute route, int reps) {
+      return us_per_step(reps, head.count(), [&] {
+        backward(head, w_hh, w_hr, reverse, a, hp, cp, pi, gy, grad_hn, grad_cn, route, false);
+      });
+    });
   }
 };
 
@@ -890,9 +945,9 @@ std::vector<std::string> gemm_routes() {
   std::vector<std::string> out;
   std::lock_guard<std::mutex> guard(route_table().lock);
   for (const auto& [key, record] : route_table().records) {
-    const auto& [cell, B, H, Hout, proj, threads] = key;
+    const auto& [cell, backward, B, H, Hout, proj, threads] = key;
     std::ostringstream line;
-    line << cell << " batch " << B << " hidden " << H;
+    line << cell << (backward ? " backward" : "") << " batch " << B << " hidden " << H;
     if (proj) line << " proj " << Hout;
     line << ", " << threads << " threads: " << route_name(record.route) << " (per step: mkl "
          << record.mkl_us << " us, onednn " << record.onednn_us << " us)";
@@ -1058,8 +1113,14 @@ std::vector<Tensor> sequence_backward(const std::string& cell, const Tensor& bat
     else
       check_absent(op, "grad_cn", gc, "for a cell without a cell state");
     AT_DISPATCH_FLOATING_TYPES(dtype, "fusedrnn_sequence_backward", [&] {
-      out = Kernel<Cell, scalar_t>::backward(steps, w, wr, reverse, act, h_prev, c_prev,
-                                             proj_in, grad_y, grad_hn, gc);
+      using K = Kernel<Cell, scalar_t>;
+      const GemmRoute route =
+          w.scalar_type() == at::kBFloat16
+              ? GemmRoute::kOnednnTiles
+              : K::choose_backward_route(cell, steps, w, wr, reverse, act, h_prev, c_prev,
+                                         proj_in, grad_y, grad_hn, gc);
+      out = K::backward(steps, w, wr, reverse, act, h_prev, c_prev, proj_in, grad_y, grad_hn, gc,
+                        route);
     });
   });
   return out;
