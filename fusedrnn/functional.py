@@ -1,5 +1,8 @@
-"""One layer, one direction: the one call the modules make per layer and direction."""
+"""The calls the modules make: a whole stack of layers, or one layer and direction (the cells'
+modules and anyone composing layers by hand)."""
 from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
 
 from torch import Tensor
 
@@ -15,3 +18,12 @@ def rnn_layer(x: Tensor, args: LayerArgs, backend: str = "auto"):
     takes the input projection (one GEMM over every row of every step) and the time loop.
     """
     return dispatch.select(backend, args.spec(x)).layer(x, args)
+
+
+def rnn_stack(x: Tensor, layers: Sequence[Sequence[LayerArgs]], backend: str = "auto",
+              between: Optional[Callable[[Tensor], Tensor]] = None):
+    """Every layer and direction of a module (``layers[l][d]``) from its input rows ``x``,
+    ``between`` (dropout) after each layer but the last: ``(y, h_n [L*D, B, Hout], c_n or
+    None)``. Every layer of a module has one spec (cell, hidden and projection sizes, dtype,
+    device), so one backend runs them all (``Backend.stack``)."""
+    return dispatch.select(backend, layers[0][0].spec(x)).stack(x, layers, between)

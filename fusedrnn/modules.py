@@ -3,8 +3,8 @@
 They subclass the torch.nn classes, so constructor arguments, parameter names,
 ``state_dict`` keys and ``isinstance`` checks are torch.nn's own. ``forward`` only
 translates the torch.nn input forms (padded, batch_first, unbatched, PackedSequence)
-into time-major rows with per-step counts and calls ``functional.rnn_layer`` per layer
-and direction.
+into time-major rows with per-step counts and calls ``functional.rnn_stack`` once (the
+cells: ``functional.rnn_layer``).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from torch.nn.utils.rnn import PackedSequence
 from . import dispatch
 from .backend.base import LayerArgs, LayerSpec
 from .cells import Cell, cell_for_mode
-from .functional import rnn_layer
+from .functional import rnn_layer, rnn_stack
 
 
 def _check_devices(x: Tensor, weight: Tensor, states: List[Tensor]) -> None:
@@ -231,30 +231,22 @@ class _FusedRNNMixin(_BackendArg):
             raise
 
     def _run_layers(self, x, batch_sizes, states, dtype):
-        """Every layer and direction through ``functional.rnn_layer``, the weights cast to
+        """Every layer and direction through ``functional.rnn_stack``, the weights cast to
         ``dtype`` if given; returns the last layer's rows and ``[h_n]`` or ``[h_n, c_n]``."""
         if batch_sizes.numel() == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         directions = 2 if self.bidirectional else 1
         h_all = states[0]
         c_all = states[1] if len(states) == 2 else None
-        layer_input = x.reshape(-1, x.shape[-1])  # time-major rows
-        h_n, c_n = [], []
-        for layer in range(self.num_layers):
-            outputs = []
-            for direction in range(directions):
-                k = layer * directions + direction
-                args = self._layer_args(layer, direction, batch_sizes, h_all[k],
-                                        c_all[k] if c_all is not None else None, dtype)
-                y, h, c = rnn_layer(layer_input, args, self.backend)
-                outputs.append(y)
-                h_n.append(h)
-                c_n.append(c)
-            layer_input = outputs[0] if directions == 1 else torch.cat(outputs, dim=1)
-            if self.dropout and self.training and layer < self.num_layers - 1:
-                layer_input = F.dropout(layer_input, self.dropout, training=True)
-        hidden = [torch.stack(h_n)] + ([torch.stack(c_n)] if c_all is not None else [])
-        return layer_input, hidden
+        layers = [[self._layer_args(layer, direction, batch_sizes, h_all[k],
+                                    c_all[k] if c_all is not None else None, dtype)
+                   for direction in range(directions)
+                   for k in (layer * directions + direction,)]
+                  for layer in range(self.num_layers)]
+        dropout = self.dropout if self.training else 0.0
+        between = (lambda y: F.dropout(y, dropout, training=True)) if dropout else None
+        y, h_n, c_n = rnn_stack(x.reshape(-1, x.shape[-1]), layers, self.backend, between)
+        return y, [h_n] + ([c_n] if c_all is not None else [])
 
     def _in_callers_layout(self, output, hidden, layout):
         hidden = tuple(hidden) if self.mode == "LSTM" else hidden[0]

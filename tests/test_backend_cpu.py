@@ -218,12 +218,60 @@ def test_fake_kernels_match_the_ops(rng, cell_name, proj, train):
     forward_args = (cell_name, args["xp"], args["batch_sizes"], args["h0"], args["c0"],
                     args["w_hh"], None, args["b_hh"], args["w_hr"], False, train)
     torch.library.opcheck(ops.sequence_forward, forward_args, test_utils=checks)
+    if not train:  # the whole stack: two bidirectional layers
+        H, Hout, G = hidden, args["h0"].shape[1], cell.gates
+        weights = []
+        for layer in range(2):
+            for _ in range(2):
+                weights += [torch.randn(G * H, 6 if layer == 0 else 2 * Hout,
+                                        dtype=torch.float64), args["w_hh"], None, args["b_hh"],
+                            args["w_hr"]]
+        torch.library.opcheck(ops.stack_forward, (
+            cell_name, x, args["batch_sizes"], [args["h0"]] * 4, [args["c0"]] * 4, weights,
+            True), test_utils=checks)
     if train:
         y, h_n, c_n, *saved = ops.sequence_forward(*forward_args)
         torch.library.opcheck(ops.sequence_backward, (
             cell_name, args["batch_sizes"], args["w_hh"], args["w_hr"], False, saved,
             torch.randn_like(y), torch.randn_like(h_n),
             torch.randn_like(c_n) if cell.has_cell_state else None), test_utils=checks)
+
+
+@pytest.mark.parametrize("kind", ["LSTM-proj", "GRU-nobias", "RNN-relu"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_stack_op_runs_inference_in_one_call(rng, monkeypatch, kind, dtype):
+    """Inference runs a whole module in one op call (stack_forward: every layer and direction,
+    packed or padded) and matches torch.nn; with a gradient to take, or dropout between the
+    layers in training, the layers run one by one."""
+    calls = []
+    real = fusedrnn.backend.cpu._stack_forward
+    monkeypatch.setattr(fusedrnn.backend.cpu, "_stack_forward",
+                        lambda *args: calls.append(args[0]) or real(*args))
+    mode, _, extra = kind.partition("-")
+    kwargs = dict(num_layers=rng.randint(1, 3), bidirectional=rng.random() < 0.7,
+                  **{"proj": dict(proj_size=3), "nobias": dict(bias=False),
+                     "relu": dict(nonlinearity="relu")}[extra])
+    ref = getattr(nn, mode)(6, rng.choice(HIDDEN), **kwargs).to(dtype)
+    fused = getattr(fusedrnn, mode)(6, ref.hidden_size, backend="cpu", **kwargs).to(dtype)
+    fused.load_state_dict(ref.state_dict())
+    seqs = [torch.randn(rng.randint(1, 6), 6, dtype=dtype) * 0.5 for _ in range(5)]
+    for x in (pack_sequence(seqs, enforce_sorted=False), torch.randn(4, 3, 6, dtype=dtype)):
+        with torch.no_grad():
+            (out, hidden), (ref_out, ref_hidden) = fused(x), ref(x)
+        assert len(calls) == 1
+        calls.clear()
+        out, ref_out = (o.data if isinstance(o, nn.utils.rnn.PackedSequence) else o
+                        for o in (out, ref_out))
+        assert_close(out, ref_out, dtype, f"{kind} y")
+        for a, b in zip(hidden if isinstance(hidden, tuple) else (hidden,),
+                        ref_hidden if isinstance(ref_hidden, tuple) else (ref_hidden,)):
+            assert_close(a, b, dtype, f"{kind} state")
+    x = torch.randn(4, 3, 6, dtype=dtype)
+    fused(x)[0].sum().backward()  # parameters need gradients
+    fused.dropout = 0.3
+    with torch.no_grad():
+        fused.train()(x)
+    assert calls == [] if kwargs["num_layers"] > 1 else len(calls) <= 1
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])

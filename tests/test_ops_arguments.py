@@ -132,3 +132,42 @@ def test_gemm_ops_reject_bad_arguments(op):
                          (a.float(), b), (a.long(), b.long()), (a.half(), b.half())]:
         with pytest.raises(RuntimeError):
             getattr(ops, op)(bad_a, bad_b)
+
+
+def stack_args(cell, layers=2, bidirectional=True):
+    """stack_forward's arguments for a stack of `layers` layers of H units on I inputs."""
+    g, D = CELLS[cell].gates, 2 if bidirectional else 1
+    t = lambda *shape: torch.randn(*shape, dtype=torch.float64)  # noqa: E731
+    weights = []
+    for layer in range(layers):
+        for _ in range(D):
+            weights += [t(g * H, I if layer == 0 else D * H), t(g * H, H), t(g * H), t(g * H),
+                        None]
+    count = layers * D
+    return dict(cell=cell, x=t(ROWS, I), batch_sizes=STEPS.clone(),
+                h0=[t(B, H) for _ in range(count)],
+                c0=[t(B, H) if cell == "lstm" else None for _ in range(count)],
+                weights=weights, bidirectional=bidirectional)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_stack_forward_rejects_bad_arguments(cell):
+    """The stack op checks its lists; each layer's tensors are then checked by the ops it runs
+    (mm_rows, sequence_forward), as above."""
+    args = stack_args(cell)
+    ops.stack_forward(*args.values())
+    w = args["weights"]
+    bad = [("one h0 too few", dict(args, h0=args["h0"][:-1], c0=args["c0"][:-1])),
+           ("odd count for two directions", dict(args, h0=args["h0"][:3], c0=args["c0"][:3],
+                                                 weights=w[:15])),
+           ("a c0 too few", dict(args, c0=args["c0"][:-1])),
+           ("a weight too few", dict(args, weights=w[:-1])),
+           ("no w_ih", dict(args, weights=[None] + w[1:])),
+           ("layer 2's w_ih sized for the input", dict(args, weights=w[:10] + [w[0]] + w[11:])),
+           ("a short w_hh", dict(args, weights=w[:1] + [w[1][:-1]] + w[2:])),
+           ("a float32 h0", dict(args, h0=[args["h0"][0].float()] + args["h0"][1:])),
+           ("no state", dict(args, h0=[], c0=[], weights=[]))]
+    for what, call in bad:
+        with pytest.raises(RuntimeError):
+            ops.stack_forward(*call.values())
+            pytest.fail(f"accepted {what}")

@@ -13,6 +13,8 @@
 #include <ATen/native/CPUBlas.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/stack.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
@@ -1062,6 +1064,43 @@ std::vector<Tensor> sequence_forward(const std::string& cell, const Tensor& xp,
     });
   });
   return out;
+}
+
+std::vector<Tensor> stack_forward(const std::string& cell, const Tensor& x,
+                                  const Tensor& batch_sizes, at::TensorList h0,
+                                  const c10::List<c10::optional<Tensor>>& c0,
+                                  const c10::List<c10::optional<Tensor>>& weights,
+                                  bool bidirectional) {
+  const char* op = "fusedrnn::stack_forward";
+  const int64_t directions = bidirectional ? 2 : 1, count = static_cast<int64_t>(h0.size());
+  TORCH_CHECK(count > 0 && count % directions == 0, op, ": one h0 per layer and direction, got ",
+              count, " for ", directions, " direction(s)");
+  TORCH_CHECK(static_cast<int64_t>(c0.size()) == count, op, ": one c0 (or None) per h0, got ",
+              c0.size(), " for ", count);
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == 5 * count, op,
+              ": five weights (w_ih, w_hh, b_ih, b_hh, w_hr) per layer and direction, got ",
+              weights.size(), " for ", count);
+  auto weight = [&](int64_t k, int64_t i) { return given(weights.get(5 * k + i)); };
+  Tensor input = x;
+  std::vector<Tensor> h_n, c_n;
+  for (int64_t layer = 0; layer < count / directions; ++layer) {
+    std::vector<Tensor> outputs;
+    for (int64_t direction = 0; direction < directions; ++direction) {
+      const int64_t k = layer * directions + direction;
+      const Tensor w_ih = weight(k, 0);
+      TORCH_CHECK(w_ih.defined(), op, ": w_ih of layer ", layer, " is required");
+      const Tensor xp = mm_rows(input, w_ih.t());
+      std::vector<Tensor> out =
+          sequence_forward(cell, xp, batch_sizes, h0[k], c0.get(k), weight(k, 1), weight(k, 2),
+                           weight(k, 3), weight(k, 4), direction == 1, false);
+      outputs.push_back(out[0]);
+      h_n.push_back(out[1]);
+      c_n.push_back(out[2]);
+    }
+    input = directions == 1 ? outputs[0] : at::cat(outputs, 1);
+  }
+  const bool has_c = c_n[0].numel() > 0 || c0.get(0).has_value();
+  return {input, at::stack(h_n), has_c ? at::stack(c_n) : at::empty({0}, x.options())};
 }
 
 std::vector<Tensor> sequence_backward(const std::string& cell, const Tensor& batch_sizes,

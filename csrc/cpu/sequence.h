@@ -28,6 +28,18 @@ std::vector<at::Tensor> sequence_backward(const std::string& cell, const at::Ten
                                           const at::Tensor& grad_hn,
                                           const c10::optional<at::Tensor>& grad_cn);
 
+// A whole stack in one call, for inference: every layer (both directions when
+// `bidirectional`) from the input rows x [rows, I], each direction as mm_rows and
+// sequence_forward (train false), the directions' outputs concatenated. h0 and c0 hold one
+// state per layer and direction, in torch.nn's order, c0 None for cells without c; weights
+// five per layer and direction: w_ih, w_hh, b_ih, b_hh, w_hr (None where absent). Returns
+// {y [rows, D * Hout], h_n [L * D, B, Hout], c_n [L * D, B, H] (empty without c)}.
+std::vector<at::Tensor> stack_forward(const std::string& cell, const at::Tensor& x,
+                                      const at::Tensor& batch_sizes, at::TensorList h0,
+                                      const c10::List<c10::optional<at::Tensor>>& c0,
+                                      const c10::List<c10::optional<at::Tensor>>& weights,
+                                      bool bidirectional);
+
 // The cells the kernels were built for (csrc/cells/cells.h), and one cell's traits as
 // {gates, states, reads h_prev, split hidden grad, saved per hidden unit}: the Python registry
 // (fusedrnn/cells.py) is checked against them.

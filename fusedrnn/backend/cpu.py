@@ -133,6 +133,11 @@ def _run(cell_name, *args):
     return y, h_n, (c_n if args[3] is not None else None)
 
 
+def _stack_forward(*args):
+    """torch.ops.fusedrnn.stack_forward (one name for tests to watch)."""
+    return torch.ops.fusedrnn.stack_forward(*args)
+
+
 def release_cached_buffers() -> int:
     """Hands the idle blocks of the extension's buffer cache back to the system, as
     ``torch.cuda.empty_cache`` does on a GPU; returns the bytes released. Layer calls keep their
@@ -167,6 +172,14 @@ def _register_fake_kernels():
                  if train else [xp.new_empty(0) for _ in range(4)])
         return [xp.new_empty(rows, h_out), h0.new_empty(B, h_out),
                 h0.new_empty(B, H) if lstm else xp.new_empty(0), *saved]
+
+    @torch.library.register_fake("fusedrnn::stack_forward")
+    def _stack_forward_fake(cell, x, batch_sizes, h0, c0, weights, bidirectional):
+        (B, h_out), H = h0[0].shape, weights[1].shape[0] // CELLS[cell].gates
+        return [x.new_empty(x.shape[0], (2 if bidirectional else 1) * h_out),
+                h0[0].new_empty(len(h0), B, h_out),
+                h0[0].new_empty(len(h0), B, H) if CELLS[cell].has_cell_state
+                else x.new_empty(0)]
 
     @torch.library.register_fake("fusedrnn::sequence_backward")
     def _sequence_backward(cell, batch_sizes, w_hh, w_hr, reverse, saved, grad_y, grad_hn,
@@ -220,6 +233,25 @@ class CpuBackend(Backend):
             x, args.h0, args.c0, args.w_ih, args.w_hh, args.b_ih, args.b_hh, args.w_hr)
         return _run(args.cell.name, x, args.batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
                     args.reverse)
+
+    def stack(self, x, layers, between=None):
+        """Inference (nothing needs a gradient, no dropout between the layers, float32 or
+        float64): the whole stack in one op call, ``stack_forward``, which runs the same C++
+        as ``layer`` without the Python between the layers (on a 2-layer LSTM of 64 units
+        that was ~0.1 ms of a 1.3 ms forward). Otherwise layer by layer."""
+        flat = [args for directions in layers for args in directions]
+        tensors = [x] + [t for a in flat for t in (a.h0, a.c0, a.w_ih, a.w_hh, a.b_ih, a.b_hh,
+                                                    a.w_hr) if t is not None]
+        if (between is not None or x.dtype == torch.bfloat16 or under_transform()
+                or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))):
+            return super().stack(x, layers, between)
+        weights = _contiguous(*[t for a in flat for t in (a.w_ih, a.w_hh, a.b_ih, a.b_hh,
+                                                           a.w_hr)])
+        y, h_n, c_n = _stack_forward(flat[0].cell.name, x.contiguous(), flat[0].batch_sizes,
+                                     _contiguous(*[a.h0 for a in flat]),
+                                     _contiguous(*[a.c0 for a in flat]), weights,
+                                     len(layers[0]) == 2)
+        return y, h_n, (c_n if flat[0].c0 is not None else None)
 
 
 BACKEND = CpuBackend()
