@@ -135,6 +135,10 @@ def _module_case(kind, dtype, cfg, fault, gen):
     # counts [0] for a packed LSTM's one row: torch.nn answers by dtype (float64: no rows;
     # float32: a shape error), fusedrnn raises
     unchecked |= lstm and packed and fault == "counts_sum_less" and steps == 1 and batch == 1
+    # the same counts with equal steps in float32 or bf16: torch.nn's oneDNN LSTM views the
+    # data as [T, B, I] and raises a shape error, though it ignores the extra rows when the
+    # counts differ and in float64; fusedrnn ignores them in every case (README)
+    ref_quirk = lstm and packed and fault == "counts_sum_less" and dtype != torch.float64
 
     def build():
         x_dtype = torch.long if fault == "input_long" else \
@@ -167,7 +171,7 @@ def _module_case(kind, dtype, cfg, fault, gen):
                 hx = [h] if fault == "state_as_list" else h
         return inp, hx, leaves
 
-    return build, unsafe, unchecked
+    return build, unsafe, unchecked, ref_quirk
 
 
 def _increasing(counts):
@@ -242,7 +246,7 @@ def _cell_case(kind, dtype, cfg, fault, gen):
                 leaves.append(hx)
         return x, hx, leaves
 
-    return build, False, False
+    return build, False, False, False
 
 
 def _run(module, build, seed):
@@ -269,12 +273,14 @@ def _compare(kind, backend, dtype, cfg, fault, seed):
     gen = torch.Generator().manual_seed(seed)
     ref, fused = _construct(kind, dtype, backend, cfg)
     case = _cell_case if "Cell" in kind else _module_case
-    build, unsafe, unchecked = case(kind.split("_")[0], dtype, cfg, fault, gen)
+    build, unsafe, unchecked, ref_quirk = case(kind.split("_")[0], dtype, cfg, fault, gen)
     fused_exc, fused_vals = _run(fused, build, seed)
     ref_exc, ref_vals = (None, None) if unsafe else _run(ref, build, seed)
     if unsafe or (unchecked and ref_exc is None):
         # torch.nn does not check this input (and reads past it, or accepts what does not fit)
         assert isinstance(fused_exc, RuntimeError), f"accepted what torch.nn mishandles: {fused_exc!r}"
+        return
+    if ref_quirk and isinstance(ref_exc, RuntimeError) and fused_exc is None:
         return
     if ref_exc is not None or fused_exc is not None:
         assert type(fused_exc) is type(ref_exc), \
