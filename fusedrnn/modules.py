@@ -238,10 +238,12 @@ class _FusedRNNMixin(_BackendArg):
         directions = 2 if self.bidirectional else 1
         h_all = states[0]
         c_all = states[1] if len(states) == 2 else None
-        layers = [[self._layer_args(layer, direction, batch_sizes, h_all[k],
+        def args(layer, direction):
+            k = layer * directions + direction  # torch.nn's order of the states
+            return self._layer_args(layer, direction, batch_sizes, h_all[k],
                                     c_all[k] if c_all is not None else None, dtype)
-                   for direction in range(directions)
-                   for k in (layer * directions + direction,)]
+
+        layers = [[args(layer, direction) for direction in range(directions)]
                   for layer in range(self.num_layers)]
         dropout = self.dropout if self.training else 0.0
         between = (lambda y: F.dropout(y, dropout, training=True)) if dropout else None

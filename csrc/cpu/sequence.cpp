@@ -1099,8 +1099,9 @@ std::vector<Tensor> stack_forward(const std::string& cell, const Tensor& x,
     }
     input = directions == 1 ? outputs[0] : at::cat(outputs, 1);
   }
-  const bool has_c = c_n[0].numel() > 0 || c0.get(0).has_value();
-  return {input, at::stack(h_n), has_c ? at::stack(c_n) : at::empty({0}, x.options())};
+  // (sequence_forward required c0 of a cell with c, and refused it for the others)
+  return {input, at::stack(h_n),
+          c0.get(0).has_value() ? at::stack(c_n) : at::empty({0}, x.options())};
 }
 
 std::vector<Tensor> sequence_backward(const std::string& cell, const Tensor& batch_sizes,
