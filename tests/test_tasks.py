@@ -269,3 +269,37 @@ def test_resume_continues_exactly(tmp_path):
                                torch.tensor([r[3] for r in losses("whole")]), rtol=1e-6, atol=0)
     with pytest.raises(FileNotFoundError, match="checkpoint"):
         harness.main(copy.TASK, [*argv, "--resume", "--out", str(tmp_path / "none")])
+
+
+# ---- comparing runs ----------------------------------------------------------------------
+
+def _fake_run(path, valid):
+    path.mkdir()
+    records = [{"kind": "train", "step": 5, "epoch": 0.5, "loss": 9.0}]
+    for epoch, value in enumerate(valid, 1):
+        records += [{"kind": "test", "step": 10 * epoch, "name": "valid", "epoch": float(epoch),
+                     "perplexity": value},
+                    {"kind": "test", "step": 10 * epoch, "name": "test", "epoch": float(epoch),
+                     "perplexity": value + 1000}]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_compare_runs_reads_each_runs_curve_and_draws_the_figure(tmp_path, capsys):
+    from tasks import compare_runs
+    a = _fake_run(tmp_path / "a", [300.0, 200.0, 150.0])
+    b = _fake_run(tmp_path / "b", [250.0, 260.0])
+    assert compare_runs.read_curve(a, "valid", "perplexity") == [(1.0, 300.0), (2.0, 200.0),
+                                                                  (3.0, 150.0)]
+    assert compare_runs.read_curve(b, "test", "perplexity") == [(1.0, 1250.0), (2.0, 1260.0)]
+    out = tmp_path / "fig" / "valid.png"
+    compare_runs.main([str(a), str(b), "--ref", "a=120", "--out", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "wrote" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="no run directory of that name"):
+        compare_runs.plot_runs([a], "valid", "perplexity", out, refs={"c": 1.0})
+    with pytest.raises(ValueError, match="no 'train' evaluations"):
+        compare_runs.read_curve(a, "train", "perplexity")
+    with pytest.raises(FileNotFoundError):
+        compare_runs.read_curve(tmp_path / "fig", "valid", "perplexity")
+    with pytest.raises(SystemExit):
+        compare_runs.main([str(a), "--ref", "a120", "--out", str(out)])
