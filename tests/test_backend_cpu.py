@@ -618,3 +618,43 @@ def test_mm_rows_on_bf16_operands_gives_float32(two_threads, k):
     assert_close(out.double(), a.double() @ b.double(), torch.float32, "bf16 mm_rows")
     torch.library.opcheck(torch.ops.fusedrnn.mm_rows, (a, b),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_calls_from_several_python_threads_match_sequential_calls(rng):
+    """The extension's caches (buffers, measured GEMM routes) are shared by the process: layers
+    called from several Python threads at once (a server, a data-parallel loop) must give
+    bit-identical results to the same calls made one after another."""
+    import threading
+    torch.manual_seed(rng.randrange(2**31))
+    jobs = []
+    for i, (kind, bidirectional) in enumerate([(nn.LSTM, False), (nn.GRU, True), (nn.LSTM, False),
+                                               (nn.RNN, True)]):
+        model = fusedrnn.convert(kind(6, rng.choice(HIDDEN), 2, bidirectional=bidirectional),
+                                 backend="cpu")
+        inputs = [torch.randn(8 + j % 3, 3 + i, 6, requires_grad=True) for j in range(12)]
+        jobs.append((model, inputs))
+
+    def run(model, inputs):
+        results = []
+        for x in inputs:
+            model.zero_grad()
+            x.grad = None
+            y = model(x)[0]
+            (y * y).sum().backward()
+            with torch.no_grad():
+                y_inference = model(x)[0]
+            results += [y.detach(), y_inference, x.grad, *(p.grad for p in model.parameters())]
+        return results
+
+    want = [run(*job) for job in jobs]
+    got = [None] * len(jobs)
+    threads = [threading.Thread(target=lambda k=k: got.__setitem__(k, run(*jobs[k])))
+               for k in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for w, g in zip(want, got):
+        assert g is not None and len(g) == len(w)
+        for a, b in zip(w, g):
+            assert torch.equal(a, b)

@@ -27,9 +27,6 @@ from hypothesis import strategies as st  # noqa: E402
 
 EXAMPLES = int(os.environ.get("FUSEDRNN_FUZZ_EXAMPLES", "40"))
 
-
-
-
 # (backend, dtype, examples): the Triton kernels have no float64 and run in the interpreter;
 # the CUDA ones run emulated (each launch starts OS threads). bfloat16 (`cpu`: bf16 GEMMs,
 # float32 states) against torch.nn's bf16 layers: the same exceptions, and outputs and
