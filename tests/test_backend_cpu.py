@@ -332,9 +332,12 @@ def test_cpp_cells_match_the_registry():
         torch.ops.fusedrnn.cell_traits("lstm2")
 
 
-# The forward's two GEMM routes (csrc/cpu/sequence.cpp, GemmRoute): each forced in turn.
-@pytest.fixture(params=["mkl", "onednn"])
+# The forward's GEMM routes (csrc/cpu/sequence.cpp, GemmRoute): each forced in turn; avx512
+# (our micro-kernel) where the build has AVX-512.
+@pytest.fixture(params=["mkl", "onednn", "avx512"])
 def gemm_route(request, monkeypatch):
+    if request.param == "avx512" and torch.ops.fusedrnn.avx512_route_reason():
+        pytest.skip(f"avx512 route: {torch.ops.fusedrnn.avx512_route_reason()}")
     monkeypatch.setenv("FUSEDRNN_CPU_GEMM", request.param)
     return request.param
 
@@ -342,9 +345,10 @@ def gemm_route(request, monkeypatch):
 @pytest.mark.parametrize("cell_name", list(CELLS))
 def test_gemm_routes_match_reference(rng, two_threads, gemm_route, cell_name):
     """float32 training forward and backward against the float64 reference: packed rows over
-    two threads, hidden sizes that end in a partial 64-unit tile, LSTM with and without proj."""
+    two threads, hidden sizes that end in a partial 64-unit tile (and a partial 16-unit panel),
+    row counts that end in a partial avx512 row block, LSTM with and without proj."""
     check_sequence(BACKEND, cell_name, random_batch_sizes(rng, 5, 40, packed=True),
-                   hidden=rng.choice([70, 100]), proj=rng.choice([0, 3]) if cell_name == "lstm"
+                   hidden=rng.choice([70, 100, 13]), proj=rng.choice([0, 3]) if cell_name == "lstm"
                    else 0, reverse=rng.random() < 0.5, dtype=torch.float32, scale=0.1)
 
 
@@ -369,14 +373,16 @@ def test_gemm_routes_inference_matches_torch_nn(rng, two_threads, gemm_route, ki
         assert_close(a, b, torch.float32, f"{kind} {gemm_route} state")
 
 
-def test_onednn_route_leaves_float64_on_mkl(rng, monkeypatch):
-    """The tiles are float32 only: forced onednn, float64 still matches torch.nn to 1e-10."""
-    monkeypatch.setenv("FUSEDRNN_CPU_GEMM", "onednn")
+@pytest.mark.parametrize("route", ["onednn", "avx512"])
+def test_float32_routes_leave_float64_on_mkl(rng, monkeypatch, route):
+    """The tiles and our micro-kernel are float32 only: forced, float64 still matches torch.nn
+    to 1e-10."""
+    monkeypatch.setenv("FUSEDRNN_CPU_GEMM", route)
     ref = nn.GRU(6, 70, dtype=torch.float64)
     fused = fusedrnn.GRU(6, 70, backend="cpu", dtype=torch.float64)
     fused.load_state_dict(ref.state_dict())
     x = torch.randn(4, 3, 6, dtype=torch.float64)
-    assert_close(fused(x)[0], ref(x)[0], torch.float64, "float64 under onednn")
+    assert_close(fused(x)[0], ref(x)[0], torch.float64, f"float64 under {route}")
 
 
 def test_gemm_route_setting_errors(monkeypatch):
@@ -385,7 +391,7 @@ def test_gemm_route_setting_errors(monkeypatch):
     lstm = fusedrnn.LSTM(3, 8, backend="cpu")
     x = torch.randn(2, 20, 3)
     monkeypatch.setenv("FUSEDRNN_CPU_GEMM", "openblas")
-    with pytest.raises(RuntimeError, match="FUSEDRNN_CPU_GEMM must be mkl, onednn or auto"):
+    with pytest.raises(RuntimeError, match="FUSEDRNN_CPU_GEMM must be mkl, onednn, avx512 or auto"):
         lstm(x)
     monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
     assert "mkldnn is disabled" in fusedrnn.cpu_info()["onednn_route"]
@@ -407,13 +413,16 @@ def test_cpu_info_reports_the_machine_and_measured_routes(monkeypatch):
     assert info["cpu"] and info["isa"]
     assert info["onednn_route"].startswith(("available", "unavailable: "))
     assert info["bf16_route"].startswith(("available", "unavailable: "))
+    assert info["avx512_route"].startswith(("available", "unavailable: "))
+    if "avx512f" not in info["isa"].split():
+        assert info["avx512_route"].startswith("unavailable: ")
     # (avx512 needs the CPU and a build for it: FUSEDRNN_ARCH_FLAGS can build without)
     assert info["pointwise"] in ("avx512", "compiler-vectorized")
     if "avx512f" not in info["isa"].split():
         assert info["pointwise"] == "compiler-vectorized"
-    for kind in ("", " backward"):  # the forward's and the backward's step GEMMs
+    for kind in (" training", " backward"):  # the forward's and the backward's step GEMMs
         assert any(line.startswith(f"rnn_tanh{kind} batch 2 hidden {hidden},") and
-                   (": mkl (" in line or ": onednn (" in line)
+                   any(f": {route} (" in line for route in ("mkl", "onednn", "avx512"))
                    for line in info["measured_routes"]), kind
 
 

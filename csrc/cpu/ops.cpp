@@ -23,6 +23,7 @@ TORCH_LIBRARY(fusedrnn, m) {
   m.def("gemm_routes() -> str[]", &fusedrnn::cpu::gemm_routes);
   m.def("onednn_route_reason() -> str", &fusedrnn::cpu::onednn_route_reason);
   m.def("bf16_route_reason() -> str", &fusedrnn::cpu::bf16_route_reason);
+  m.def("avx512_route_reason() -> str", &fusedrnn::cpu::avx512_route_reason);
   m.def("pointwise_isa() -> str", &fusedrnn::cpu::pointwise_isa);
 }
 

@@ -270,17 +270,21 @@ std::pair<int64_t, int64_t> block_rows(const std::vector<Block>& blocks) {
 // The recurrent GEMMs' route. Forward, kMkl: per step one MKL GEMM over the block's rows into
 // the gate buffer, then one pointwise pass over it; kOnednnTiles: per step and tile of
 // kTileUnits hidden units, oneDNN's brgemm micro-kernel (JIT-compiled for this CPU) computes
-// the tile's G gate columns and the pointwise pass runs on them while they are still in cache.
-// Backward, per step d(hg) W_hh: one MKL GEMM, or brgemm over column panels of W_hh (no
-// per-step packing of d(hg)). Which is faster depends on the shape and the machine (on an
-// Intel Xeon with AMX: forward within 5 % up to hidden 200, MKL 10-25 % faster at 500;
-// backward panels 15-25 % faster from hidden 128 up, slower at batch 1), so it is measured
+// the tile's G gate columns and the pointwise pass runs on them while they are still in cache;
+// kAvx512 (AVX-512 builds): our micro-kernel (UnitPanels) computes all gates of a few rows,
+// and the pass runs on those rows from L1. Backward, per step d(hg) W_hh: one MKL GEMM, or
+// brgemm over column panels of W_hh (no per-step packing of d(hg)). Which is faster depends on
+// the shape and the machine (on an Intel Xeon with AMX: forward MKL and the tiles within 5 %
+// up to hidden 200, MKL 10-25 % faster at 500, avx512 5-20 % faster up to hidden 128 and at
+// batch 1; backward panels 15-25 % faster from hidden 128 up, slower at batch 1), so it is measured
 // per pass and float32 layer shape at first use (pick_route) unless FUSEDRNN_CPU_GEMM names
 // one. float64 runs MKL; a bfloat16 module's bf16 weights always run the tiles, on bf16
 // operands (PanelGemm).
-enum class GemmRoute { kMkl, kOnednnTiles };
+enum class GemmRoute { kMkl, kOnednnTiles, kAvx512 };
 
-const char* route_name(GemmRoute r) { return r == GemmRoute::kMkl ? "mkl" : "onednn"; }
+const char* route_name(GemmRoute r) {
+  return r == GemmRoute::kMkl ? "mkl" : r == GemmRoute::kOnednnTiles ? "onednn" : "avx512";
+}
 
 // Whether the float32 forward's pointwise pass runs on AVX-512 vectors (vec512.h): where the
 // build has AVX-512, unless FUSEDRNN_CPU_AVX512=0 asks for the compiler-vectorized float loop
@@ -297,13 +301,15 @@ bool avx512_pointwise() {
 #endif
 }
 
-// A route forced by FUSEDRNN_CPU_GEMM ("mkl" or "onednn"); unset or "auto": measure.
+// A route forced by FUSEDRNN_CPU_GEMM ("mkl", "onednn" or "avx512"); unset or "auto": measure.
 c10::optional<GemmRoute> forced_route() {
   const char* v = std::getenv("FUSEDRNN_CPU_GEMM");
   if (v == nullptr || *v == 0 || std::strcmp(v, "auto") == 0) return c10::nullopt;
   if (std::strcmp(v, "mkl") == 0) return GemmRoute::kMkl;
   if (std::strcmp(v, "onednn") == 0) return GemmRoute::kOnednnTiles;
-  TORCH_CHECK(false, "fusedrnn: FUSEDRNN_CPU_GEMM must be mkl, onednn or auto, got '", v, "'");
+  if (std::strcmp(v, "avx512") == 0) return GemmRoute::kAvx512;
+  TORCH_CHECK(false, "fusedrnn: FUSEDRNN_CPU_GEMM must be mkl, onednn, avx512 or auto, got '", v,
+              "'");
 }
 
 // Units per tile, and columns per panel: oneDNN packs VNNI panels at most 64 columns wide.
@@ -377,6 +383,110 @@ struct PanelGemm {
   }
 };
 
+#if FUSEDRNN_VEC512
+// The forward's step GEMM on our own AVX-512 micro-kernel (GemmRoute::kAvx512), for the small
+// recurrent GEMMs where MKL's per-call packing of h and its whole-width output (the gates
+// leave L1 before the pointwise pass reads them) cost most. W_hh^T is packed once per layer
+// call into panels of 16 hidden units, [Hout][G][16] each (units past H zero), so that a tile
+// of R rows x 16 units x G gates accumulates in R * G registers over k, with one broadcast of
+// h per row and k. The forward runs it on blocks of R rows, each block's gates written to the
+// same few rows of scratch that the pointwise pass reads next, from L1.
+// out[j] = column j of the 16 rows r (16 floats each), by lane shuffles.
+inline void transpose16x16(const __m512 (&r)[16], __m512 (&out)[16]) {
+  __m512 t[16], s[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // s[4i + m], 128-bit lane L: column 4L + m of rows 4i..4i+3
+    s[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    s[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    s[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    s[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int m = 0; m < 4; ++m) {  // a 4 x 4 transpose of 128-bit lanes per m
+    const __m512 u0 = _mm512_shuffle_f32x4(s[m], s[4 + m], 0x44);
+    const __m512 u1 = _mm512_shuffle_f32x4(s[m], s[4 + m], 0xEE);
+    const __m512 u2 = _mm512_shuffle_f32x4(s[8 + m], s[12 + m], 0x44);
+    const __m512 u3 = _mm512_shuffle_f32x4(s[8 + m], s[12 + m], 0xEE);
+    out[m] = _mm512_shuffle_f32x4(u0, u2, 0x88);
+    out[4 + m] = _mm512_shuffle_f32x4(u0, u2, 0xDD);
+    out[8 + m] = _mm512_shuffle_f32x4(u1, u3, 0x88);
+    out[12 + m] = _mm512_shuffle_f32x4(u1, u3, 0xDD);
+  }
+}
+
+struct UnitPanels {
+  static constexpr int kAccumulators = 24;  // of the 32 zmm registers; the rest: W and h
+  Tensor panels;
+  int64_t G = 0, H = 0, K = 0, chunks = 0;
+
+  static constexpr int rows_per_tile(int64_t G) { return G == 1 ? 12 : kAccumulators / G; }
+
+  // w_hh: [G * H, K] float32.
+  static UnitPanels make(const Tensor& w_hh, int64_t G) {
+    UnitPanels p;
+    p.G = G, p.H = w_hh.size(0) / G, p.K = w_hh.size(1), p.chunks = (p.H + 15) / 16;
+    p.panels = cached_empty({p.chunks * p.K * G * 16}, w_hh.options());
+    const Tensor w = w_hh.contiguous();
+    const float* src = w.data_ptr<float>();
+    float* out = p.panels.data_ptr<float>();
+    // Per 16 units, gate and 16 k: a 16 x 16 block transposed in registers (rows past H zero).
+    for (int64_t c = 0; c < p.chunks; ++c)
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t k0 = 0; k0 < p.K; k0 += 16) {
+          const __mmask16 m = cells::F32x16::lanes(p.K - k0);
+          __m512 rows[16], cols[16];
+          for (int64_t l = 0; l < 16; ++l)
+            rows[l] = c * 16 + l < p.H
+                          ? _mm512_maskz_loadu_ps(m, src + (g * p.H + c * 16 + l) * p.K + k0)
+                          : _mm512_setzero_ps();
+          transpose16x16(rows, cols);
+          for (int64_t i = 0; i < std::min<int64_t>(16, p.K - k0); ++i)
+            _mm512_store_ps(out + ((c * p.K + k0 + i) * G + g) * 16, cols[i]);
+        }
+    return p;
+  }
+
+  // out[r, g * H + u] = sum_k h[r, k] W_hh[g * H + u, k] for R rows and the 16 units of a panel
+  // from unit j (lanes `m` of them valid).
+  template <int G, int R>
+  static void tile(const float* h, int64_t ldh, const float* panel, int64_t K, float* out,
+                   int64_t ldo, int64_t H, int64_t j, __mmask16 m) {
+    __m512 acc[R][G];
+    for (int r = 0; r < R; ++r)
+      for (int g = 0; g < G; ++g) acc[r][g] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; ++k) {
+      __m512 w[G];
+      for (int g = 0; g < G; ++g) w[g] = _mm512_load_ps(panel + (k * G + g) * 16);
+      for (int r = 0; r < R; ++r) {
+        const __m512 hb = _mm512_set1_ps(h[r * ldh + k]);
+        for (int g = 0; g < G; ++g) acc[r][g] = _mm512_fmadd_ps(hb, w[g], acc[r][g]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int g = 0; g < G; ++g) _mm512_mask_storeu_ps(out + r * ldo + g * H + j, m, acc[r][g]);
+  }
+
+  template <int G, int R>
+  void rows(const float* h, int64_t ldh, float* out) const {
+    const float* base = panels.data_ptr<float>();
+    for (int64_t c = 0; c < chunks; ++c)
+      tile<G, R>(h, ldh, base + c * K * G * 16, K, out, G * H, H, c * 16,
+                 cells::F32x16::lanes(H - c * 16));
+  }
+
+  // out [n, G * H] (row stride G * H) = h [n, K] (row stride ldh) W_hh^T, n <= rows_per_tile.
+  template <int G, int R = rows_per_tile(G)>
+  void mm(int64_t n, const float* h, int64_t ldh, float* out) const {
+    if constexpr (R > 1) {
+      if (n < R) return mm<G, R - 1>(n, h, ldh, out);
+    }
+    rows<G, R>(h, ldh, out);
+  }
+};
+#endif
+
 // The forward tiles' panels of W_hh^T: per tile of kTileUnits units, one per gate.
 std::vector<std::pair<int64_t, int64_t>> gate_tiles(int64_t G, int64_t H) {
   std::vector<std::pair<int64_t, int64_t>> cols;
@@ -436,11 +546,16 @@ std::string bf16_tiles_unavailable_reason() {
 }
 
 // The measured choices, one per pass, layer shape and thread count, kept for the process
-// (like cuDNN's benchmark mode).
-using RouteKey = std::tuple<std::string, bool, int64_t, int64_t, int64_t, bool, int>;  // cell, backward, B, H, Hout, proj, threads
+// (like cuDNN's benchmark mode). The training forward has its own: it also stores what the
+// backward reads, which shifts the balance between the routes.
+enum class Pass { kInference, kTraining, kBackward };
+const char* pass_name(Pass p) {
+  return p == Pass::kInference ? "" : p == Pass::kTraining ? " training" : " backward";
+}
+using RouteKey = std::tuple<std::string, Pass, int64_t, int64_t, int64_t, bool, int>;  // cell, pass, B, H, Hout, proj, threads
 struct RouteRecord {
   GemmRoute route;
-  double mkl_us, onednn_us;  // per step, the best of the rounds
+  double us[3];  // per route (GemmRoute's order), per step, the best of the rounds; -1: not run
 };
 
 struct RouteTable {
@@ -474,39 +589,65 @@ std::pair<Steps, int64_t> probe_head(const Steps& steps, int64_t step_flops) {
   return {head, rows};
 }
 
-// A pass's GEMM route for a float32 call: forced by FUSEDRNN_CPU_GEMM, MKL where oneDNN cannot
-// run, recorded for its key, or measured now: `run(route, reps)` runs the call's first steps
-// (probe_head) `reps` times and returns the microseconds per step; both routes run
-// interleaved, best of three rounds. Past 1 GFLOP per step both routes are GEMM-bound and a
-// probe would cost seconds, so MKL runs unmeasured (as it does with nothing to measure).
+// Why our AVX-512 step GEMM cannot run here ("" when it can): it is compiled only into builds
+// for CPUs with AVX-512F (setup.py builds for the machine it runs on).
+std::string avx512_gemm_unavailable_reason() {
+#if FUSEDRNN_VEC512
+  return "";
+#else
+  return "this build has no AVX-512 (FUSEDRNN_ARCH_FLAGS without it, or a CPU without it)";
+#endif
+}
+
+// A pass's GEMM route for a float32 call: forced by FUSEDRNN_CPU_GEMM, recorded for its key, or
+// measured now among the routes that can run here (MKL always; the oneDNN tiles where torch
+// runs oneDNN; our AVX-512 micro-kernel in the forward of an AVX-512 build): `run(route, reps)`
+// runs the call's first steps (probe_head) `reps` times and returns the microseconds per step;
+// the routes run interleaved, best of three rounds. Past 1 GFLOP per step every route is
+// GEMM-bound and a probe would cost seconds, so MKL runs unmeasured (as it does with nothing
+// to measure). The backward has no AVX-512 route: forced, it runs MKL.
 template <typename Run>
 GemmRoute pick_route(const RouteKey& key, int64_t step_flops, int64_t head_steps,
                      const Run& run) {
-  const std::string unavailable = onednn_unavailable_reason();
+  const bool backward = std::get<1>(key) == Pass::kBackward;
+  const std::string onednn = onednn_unavailable_reason(),
+                    avx512 = backward ? "no backward route" : avx512_gemm_unavailable_reason();
   if (const auto forced = forced_route()) {
-    TORCH_CHECK(*forced == GemmRoute::kMkl || unavailable.empty(),
-                "fusedrnn: FUSEDRNN_CPU_GEMM=onednn, but it cannot run here: ", unavailable);
+    TORCH_CHECK(*forced != GemmRoute::kOnednnTiles || onednn.empty(),
+                "fusedrnn: FUSEDRNN_CPU_GEMM=onednn, but it cannot run here: ", onednn);
+    if (*forced == GemmRoute::kAvx512) {
+      TORCH_CHECK(backward || avx512.empty(),
+                  "fusedrnn: FUSEDRNN_CPU_GEMM=avx512, but it cannot run here: ", avx512);
+      return backward ? GemmRoute::kMkl : GemmRoute::kAvx512;
+    }
     return *forced;
   }
-  if (!unavailable.empty()) return GemmRoute::kMkl;
   if (const auto known = recorded_route(key)) return *known;
-  if (step_flops == 0 || step_flops > (int64_t(1) << 30)) return GemmRoute::kMkl;
-  run(GemmRoute::kMkl, 1), run(GemmRoute::kOnednnTiles, 1);  // warm: buffers, the JIT
+  std::vector<GemmRoute> others;
+  if (onednn.empty()) others.push_back(GemmRoute::kOnednnTiles);
+  if (avx512.empty()) others.push_back(GemmRoute::kAvx512);
+  if (others.empty() || step_flops == 0 || step_flops > (int64_t(1) << 30))
+    return GemmRoute::kMkl;
+  run(GemmRoute::kMkl, 1);  // warm: buffers, the JIT
+  for (const GemmRoute r : others) run(r, 1);
   // Rounds of at least ~1 ms each, so that a small layer's probe is not one timer tick.
   const double first = run(GemmRoute::kMkl, 1) * head_steps;
   const int reps = static_cast<int>(std::clamp(1000.0 / std::max(first, 1.0), 1.0, 64.0));
-  double mkl_us = 1e300, onednn_us = 1e300;
-  for (int round = 0; round < 3; ++round) {
-    mkl_us = std::min(mkl_us, run(GemmRoute::kMkl, reps));
-    onednn_us = std::min(onednn_us, run(GemmRoute::kOnednnTiles, reps));
-  }
-  // The tiles must win by 5 %: the forward probe's short, cache-warm run favoured them by ~3 %
-  // on shapes (LSTM hidden 128, 2 threads) where whole calls ran 5-10 % faster on MKL.
-  const GemmRoute route =
-      onednn_us < 0.95 * mkl_us ? GemmRoute::kOnednnTiles : GemmRoute::kMkl;
+  RouteRecord record{GemmRoute::kMkl, {1e300, -1, -1}};
+  auto us = [&](GemmRoute r) -> double& { return record.us[static_cast<int>(r)]; };
+  for (const GemmRoute r : others) us(r) = 1e300;
+  others.insert(others.begin(), GemmRoute::kMkl);
+  for (int round = 0; round < 3; ++round)
+    for (const GemmRoute r : others) us(r) = std::min(us(r), run(r, reps));
+  // Another route must beat MKL by 5 %: the forward probe's short, cache-warm run favoured the
+  // oneDNN tiles by ~3 % on shapes (LSTM hidden 128, 2 threads) where whole calls ran 5-10 %
+  // faster on MKL.
+  double best_us = 0.95 * us(GemmRoute::kMkl);
+  for (const GemmRoute r : others)
+    if (us(r) < best_us) best_us = us(r), record.route = r;
   std::lock_guard<std::mutex> guard(route_table().lock);
-  route_table().records[key] = {route, mkl_us, onednn_us};
-  return route;
+  route_table().records[key] = record;
+  return record.route;
 }
 
 // Microseconds per step of `reps` runs of f over `steps` steps.
@@ -633,10 +774,14 @@ struct Kernel {
     const auto rows_range = block_rows(blocks);
     // A bf16 w_hh (a bfloat16 module) runs the tiles with bf16 operands.
     const bool tiles = route == GemmRoute::kOnednnTiles || w_hh.scalar_type() == at::kBFloat16;
+    const bool own = !tiles && route == GemmRoute::kAvx512 && std::is_same<T, float>::value;
     const PackedWeight<T> w_hh_packed =
-        tiles ? PackedWeight<T>()
-              : PackedWeight<T>::make(w_hh, /*transpose=*/true, rows_range.first,
-                                      rows_range.second, steps.count());
+        tiles || own ? PackedWeight<T>()
+                     : PackedWeight<T>::make(w_hh, /*transpose=*/true, rows_range.first,
+                                             rows_range.second, steps.count());
+#if FUSEDRNN_VEC512
+    const UnitPanels own_panels = own ? UnitPanels::make(w_hh, G) : UnitPanels();
+#endif
     PanelGemm tile_ops =
         tiles ? PanelGemm::make(w_hh.t(), gate_tiles(G, H), B, opts) : PanelGemm();
     auto* const pointwise = proj ? (train ? pointwise_forward<true, true>
@@ -674,6 +819,23 @@ struct Kernel {
                         y_out, pin, u0, std::min(H, u0 + kTileUnits));
             }
           }
+        } else if (own) {
+#if FUSEDRNN_VEC512
+          if constexpr (std::is_same<T, float>::value) {
+            // R rows at a time: their gates go to the block's first R rows of hg, and the pass
+            // reads them from L1. Each row's GEMM reads only its own h, which the pass then
+            // overwrites, so a block's later rows still see the previous step's state.
+            constexpr int64_t R = UnitPanels::rows_per_tile(G);
+            for (int64_t b = 0; b < nb; b += R) {
+              const int64_t m = std::min(R, nb - b);
+              own_panels.mm<G>(m, h_blk + b * Hout, Hout, hg_rows);
+              pointwise(m, H, xg + b * G * H, hg_rows, ptr<T>(bias_x), ptr<T>(bias_h),
+                        proj ? nullptr : h_out + b * H, c_blk ? c_blk + b * H : nullptr,
+                        save ? save + b * S * H : nullptr, proj ? nullptr : y_out + b * H,
+                        proj ? pin + b * H : nullptr, 0, H);
+            }
+          }
+#endif
         } else {
           w_hh_packed.mm(nb, h_blk, hg_rows);
           pointwise(nb, H, xg, hg_rows, ptr<T>(bias_x), ptr<T>(bias_h), h_out, c_blk, save,
@@ -693,19 +855,20 @@ struct Kernel {
   }
 
   // The forward's GEMM route for a call (pick_route): float64 and a zero-width h run MKL (no
-  // step GEMM to tile); the probe runs inference on the call's own input.
+  // step GEMM to tile); the probe runs the call's own pass (inference or training) on its input.
   static GemmRoute choose_route(const std::string& cell, const Tensor& xp, const Steps& steps,
                                 const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
-                                const Tensor& bias_x, const Tensor& bias_h, const Tensor& w_hr) {
+                                const Tensor& bias_x, const Tensor& bias_h, const Tensor& w_hr,
+                                bool train) {
     if (!std::is_same<T, float>::value || h0.size(1) == 0) return GemmRoute::kMkl;
-    const RouteKey key{cell, false, steps.size[0], w_hh.size(0) / G, h0.size(1),
-                       w_hr.defined(), at::get_num_threads()};
+    const RouteKey key{cell, train ? Pass::kTraining : Pass::kInference, steps.size[0],
+                       w_hh.size(0) / G, h0.size(1), w_hr.defined(), at::get_num_threads()};
     const int64_t step_flops = 2 * steps.size[0] * h0.size(1) * w_hh.size(0);
     const auto [head, rows] = probe_head(steps, std::max<int64_t>(step_flops, 1));
     const Tensor xp_head = xp.narrow(0, 0, rows);
     return pick_route(key, step_flops, head.count(), [&](GemmRoute route, int reps) {
       return us_per_step(reps, head.count(), [&] {
-        forward(xp_head, head, h0, c0, w_hh, bias_x, bias_h, w_hr, false, false, route);
+        forward(xp_head, head, h0, c0, w_hh, bias_x, bias_h, w_hr, false, train, route);
       });
     });
   }
@@ -851,7 +1014,7 @@ struct Kernel {
                                          const Tensor& grad_y, const Tensor& grad_hn,
                                          const Tensor& grad_cn) {
     if (!std::is_same<T, float>::value || w_hh.size(1) == 0) return GemmRoute::kMkl;
-    const RouteKey key{cell, true, steps.size[0], w_hh.size(0) / G, w_hh.size(1),
+    const RouteKey key{cell, Pass::kBackward, steps.size[0], w_hh.size(0) / G, w_hh.size(1),
                        w_hr.defined(), at::get_num_threads()};
     const int64_t step_flops = 2 * steps.size[0] * w_hh.size(1) * w_hh.size(0);
     const auto [head, rows] = probe_head(steps, std::max<int64_t>(step_flops, 1));
@@ -941,18 +1104,23 @@ std::vector<int64_t> cell_traits(const std::string& cell) {
 
 std::string onednn_route_reason() { return onednn_unavailable_reason(); }
 std::string bf16_route_reason() { return bf16_tiles_unavailable_reason(); }
+std::string avx512_route_reason() { return avx512_gemm_unavailable_reason(); }
 std::string pointwise_isa() { return avx512_pointwise() ? "avx512" : "compiler-vectorized"; }
 
 std::vector<std::string> gemm_routes() {
   std::vector<std::string> out;
   std::lock_guard<std::mutex> guard(route_table().lock);
   for (const auto& [key, record] : route_table().records) {
-    const auto& [cell, backward, B, H, Hout, proj, threads] = key;
+    const auto& [cell, pass, B, H, Hout, proj, threads] = key;
     std::ostringstream line;
-    line << cell << (backward ? " backward" : "") << " batch " << B << " hidden " << H;
+    line << cell << pass_name(pass) << " batch " << B << " hidden " << H;
     if (proj) line << " proj " << Hout;
-    line << ", " << threads << " threads: " << route_name(record.route) << " (per step: mkl "
-         << record.mkl_us << " us, onednn " << record.onednn_us << " us)";
+    line << ", " << threads << " threads: " << route_name(record.route) << " (per step:";
+    for (const GemmRoute r : {GemmRoute::kMkl, GemmRoute::kOnednnTiles, GemmRoute::kAvx512})
+      if (record.us[static_cast<int>(r)] >= 0)
+        line << (r == GemmRoute::kMkl ? " " : ", ") << route_name(r) << " "
+             << record.us[static_cast<int>(r)] << " us";
+    line << ")";
     out.push_back(line.str());
   }
   return out;
@@ -1059,7 +1227,8 @@ std::vector<Tensor> sequence_forward(const std::string& cell, const Tensor& xp,
       const Tensor bias_x = or_zeros(bx), bias_h = or_zeros(bh);
       const GemmRoute route = w.scalar_type() == at::kBFloat16
                                   ? GemmRoute::kOnednnTiles
-                                  : K::choose_route(cell, xp, steps, h0, cc0, w, bias_x, bias_h, wr);
+                                  : K::choose_route(cell, xp, steps, h0, cc0, w, bias_x, bias_h,
+                                                    wr, train);
       out = K::forward(xp, steps, h0, cc0, w, bias_x, bias_h, wr, reverse, train, route);
     });
   });

@@ -47,12 +47,14 @@ std::vector<std::string> cell_names();
 std::vector<int64_t> cell_traits(const std::string& cell);
 
 // The forward GEMM routes chosen so far by measurement (FUSEDRNN_CPU_GEMM unset or "auto"), one
-// line per layer shape: the winner and both measured times per step.
+// line per layer shape: the winner and each measured route's time per step.
 std::vector<std::string> gemm_routes();
 // Why the onednn GEMM route cannot run on this machine and torch ("" when it can).
 std::string onednn_route_reason();
 // Why the tiles cannot run a bfloat16 module's GEMMs in bf16 here ("" when they can).
 std::string bf16_route_reason();
+// Why the forward's own AVX-512 step GEMM (the avx512 route) cannot run here ("" when it can).
+std::string avx512_route_reason();
 // How the float32 forward's pointwise pass runs: "avx512" (csrc/cpu/vec512.h) or
 // "compiler-vectorized" (a build without AVX-512, or FUSEDRNN_CPU_AVX512=0).
 std::string pointwise_isa();

@@ -280,8 +280,9 @@ def _cpu_model_and_flags() -> Tuple[str, Tuple[str, ...]]:
 
 def cpu_info() -> Dict[str, object]:
     """What the ``cpu`` backend runs on here and how: the CPU model and ISA, the BLAS, the
-    forward GEMM route setting (``FUSEDRNN_CPU_GEMM``: ``mkl``, ``onednn`` or ``auto``), whether
-    the oneDNN tiles can run (float32, and bf16 operands for a bfloat16 module), how the float32
+    forward GEMM route setting (``FUSEDRNN_CPU_GEMM``: ``mkl``, ``onednn``, ``avx512`` or
+    ``auto``), whether the oneDNN tiles (float32, and bf16 operands for a bfloat16 module) and our
+    AVX-512 micro-kernel (the float32 forward) can run, how the float32
     pointwise pass runs (``avx512`` or ``compiler-vectorized``, ``FUSEDRNN_CPU_AVX512=0``) and the
     routes measured so far in this process, one line per layer shape."""
     model, flags = _cpu_model_and_flags()
@@ -293,7 +294,8 @@ def cpu_info() -> Dict[str, object]:
         info["unavailable"] = BACKEND.unavailable_reason()
         return info
     for key, reason in (("onednn_route", torch.ops.fusedrnn.onednn_route_reason()),
-                        ("bf16_route", torch.ops.fusedrnn.bf16_route_reason())):
+                        ("bf16_route", torch.ops.fusedrnn.bf16_route_reason()),
+                        ("avx512_route", torch.ops.fusedrnn.avx512_route_reason())):
         info[key] = "available" if not reason else f"unavailable: {reason}"
     info["pointwise"] = torch.ops.fusedrnn.pointwise_isa()
     info["measured_routes"] = list(torch.ops.fusedrnn.gemm_routes())
