@@ -774,7 +774,8 @@ struct Kernel {
     const auto rows_range = block_rows(blocks);
     // A bf16 w_hh (a bfloat16 module) runs the tiles with bf16 operands.
     const bool tiles = route == GemmRoute::kOnednnTiles || w_hh.scalar_type() == at::kBFloat16;
-    const bool own = !tiles && route == GemmRoute::kAvx512 && std::is_same<T, float>::value;
+    const bool own = !tiles && route == GemmRoute::kAvx512 && std::is_same<T, float>::value &&
+                     avx512_gemm_unavailable_reason().empty();
     const PackedWeight<T> w_hh_packed =
         tiles || own ? PackedWeight<T>()
                      : PackedWeight<T>::make(w_hh, /*transpose=*/true, rows_range.first,
