@@ -44,9 +44,13 @@ def plot_runs(run_dirs: List[Path], curve: str, metric: str, out: Path,
     unknown = sorted(set(refs) - set(labels))
     if unknown:
         raise ValueError(f"--ref for {unknown}: no run directory of that name among {labels}")
+    curves = [read_curve(d, curve, metric) for d in run_dirs]
+    # dataset tasks log epochs; generated-data tasks only steps
+    by_epoch = all("epoch" in json.loads(line) for d in run_dirs
+                   for line in (d / "metrics.jsonl").read_text().splitlines()[-1:])
     fig, ax = plt.subplots(figsize=(8, 5))
-    for run_dir, label in zip(run_dirs, labels):
-        xs, ys = zip(*read_curve(run_dir, curve, metric))
+    for points, label in zip(curves, labels):
+        xs, ys = zip(*points)
         best = max(ys) if higher_is_better else min(ys)
         line, = ax.plot(xs, ys, marker=".", ms=3, label=f"{label} (best {best:.4g})")
         if label in refs:
@@ -56,7 +60,7 @@ def plot_runs(run_dirs: List[Path], curve: str, metric: str, out: Path,
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(matplotlib.ticker.StrMethodFormatter("{x:g}"))
         ax.yaxis.set_minor_formatter(matplotlib.ticker.StrMethodFormatter("{x:g}"))
-    ax.set(xlabel="epoch", ylabel=f"{curve} {metric}", title=title or f"{curve} {metric}")
+    ax.set(xlabel="epoch" if by_epoch else "step", ylabel=f"{curve} {metric}", title=title or f"{curve} {metric}")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -384,13 +384,8 @@ struct PanelGemm {
 };
 
 #if FUSEDRNN_VEC512
-// The forward's step GEMM on our own AVX-512 micro-kernel (GemmRoute::kAvx512), for the small
-// recurrent GEMMs where MKL's per-call packing of h and its whole-width output (the gates
-// leave L1 before the pointwise pass reads them) cost most. W_hh^T is packed once per layer
-// call into panels of 16 hidden units, [Hout][G][16] each (units past H zero), so that a tile
-// of R rows x 16 units x G gates accumulates in R * G registers over k, with one broadcast of
-// h per row and k. The forward runs it on blocks of R rows, each block's gates written to the
-// same few rows of scratch that the pointwise pass reads next, from L1.
+constexpr bool kAvx512Gemm = true;
+
 // out[j] = column j of the 16 rows r (16 floats each), by lane shuffles.
 inline void transpose16x16(const __m512 (&r)[16], __m512 (&out)[16]) {
   __m512 t[16], s[16];
@@ -416,6 +411,13 @@ inline void transpose16x16(const __m512 (&r)[16], __m512 (&out)[16]) {
   }
 }
 
+// The forward's step GEMM on our own AVX-512 micro-kernel (GemmRoute::kAvx512), for the small
+// recurrent GEMMs where MKL's per-call packing of h and its whole-width output (the gates
+// leave L1 before the pointwise pass reads them) cost most. W_hh^T is packed once per layer
+// call into panels of 16 hidden units, [Hout][G][16] each (units past H zero), so that a tile
+// of R rows x 16 units x G gates accumulates in R * G registers over k, with one broadcast of
+// h per row and k. The forward runs it on blocks of R rows, each block's gates written to the
+// same few rows of scratch that the pointwise pass reads next, from L1.
 struct UnitPanels {
   static constexpr int kAccumulators = 24;  // of the 32 zmm registers; the rest: W and h
   Tensor panels;
@@ -485,6 +487,8 @@ struct UnitPanels {
     rows<G, R>(h, ldh, out);
   }
 };
+#else
+constexpr bool kAvx512Gemm = false;
 #endif
 
 // The forward tiles' panels of W_hh^T: per tile of kTileUnits units, one per gate.
@@ -592,11 +596,9 @@ std::pair<Steps, int64_t> probe_head(const Steps& steps, int64_t step_flops) {
 // Why our AVX-512 step GEMM cannot run here ("" when it can): it is compiled only into builds
 // for CPUs with AVX-512F (setup.py builds for the machine it runs on).
 std::string avx512_gemm_unavailable_reason() {
-#if FUSEDRNN_VEC512
-  return "";
-#else
-  return "this build has no AVX-512 (FUSEDRNN_ARCH_FLAGS without it, or a CPU without it)";
-#endif
+  return kAvx512Gemm
+             ? ""
+             : "this build has no AVX-512 (FUSEDRNN_ARCH_FLAGS without it, or a CPU without it)";
 }
 
 // A pass's GEMM route for a float32 call: forced by FUSEDRNN_CPU_GEMM, recorded for its key, or
@@ -622,7 +624,9 @@ GemmRoute pick_route(const RouteKey& key, int64_t step_flops, int64_t head_steps
     }
     return *forced;
   }
-  if (const auto known = recorded_route(key)) return *known;
+  // (a recorded onednn choice is measured again once torch.backends.mkldnn is switched off)
+  const auto known = recorded_route(key);
+  if (known && (*known != GemmRoute::kOnednnTiles || onednn.empty())) return *known;
   std::vector<GemmRoute> others;
   if (onednn.empty()) others.push_back(GemmRoute::kOnednnTiles);
   if (avx512.empty()) others.push_back(GemmRoute::kAvx512);
@@ -774,8 +778,8 @@ struct Kernel {
     const auto rows_range = block_rows(blocks);
     // A bf16 w_hh (a bfloat16 module) runs the tiles with bf16 operands.
     const bool tiles = route == GemmRoute::kOnednnTiles || w_hh.scalar_type() == at::kBFloat16;
-    const bool own = !tiles && route == GemmRoute::kAvx512 && std::is_same<T, float>::value &&
-                     avx512_gemm_unavailable_reason().empty();
+    const bool own = kAvx512Gemm && !tiles && route == GemmRoute::kAvx512 &&
+                     std::is_same<T, float>::value;
     const PackedWeight<T> w_hh_packed =
         tiles || own ? PackedWeight<T>()
                      : PackedWeight<T>::make(w_hh, /*transpose=*/true, rows_range.first,
