@@ -245,7 +245,7 @@ class _FusedRNNMixin(_BackendArg):
 
         layers = [[args(layer, direction) for direction in range(directions)]
                   for layer in range(self.num_layers)]
-        dropout = self.dropout if self.training else 0.0
+        dropout = self.dropout if self.training and self.num_layers > 1 else 0.0
         between = (lambda y: F.dropout(y, dropout, training=True)) if dropout else None
         y, h_n, c_n = rnn_stack(x.reshape(-1, x.shape[-1]), layers, self.backend, between)
         return y, [h_n] + ([c_n] if c_all is not None else [])

@@ -14,7 +14,7 @@ from fusedrnn import dispatch
 from fusedrnn.backend.base import LayerSpec
 from fusedrnn.backend.cpu import BACKEND
 from fusedrnn.cells import CELLS
-from conftest import assert_close
+from conftest import assert_close, tolerances
 from sequence_check import (check_sequence, gradcheck_sequence, random_batch_sizes, run_sequence,
                             sequence_inputs)
 
@@ -168,7 +168,12 @@ def test_cached_buffers_reused_without_aliasing(rng, dtype, T, H):
         got = [y, *torch.autograd.grad(y, [x, *model.parameters()], gy)]
         x64 = x.detach().double().requires_grad_()
         for i, (a, b) in enumerate(zip(got, grads(ref, x64, gy.double()))):
-            assert_close(a, b.to(dtype), dtype, f"tensor {i}")
+            # the bias gradients are float32 sums over 512 rows: torch.nn's own float32 LSTM
+            # misses 1e-5 on them in 1 of ~20 draws (up to 1.2x it), so they get twice that
+            scale = 2 if i >= 4 and dtype == torch.float32 else 1
+            rtol, atol = tolerances(dtype)
+            torch.testing.assert_close(a, b.to(dtype), rtol=scale * rtol, atol=scale * atol,
+                                       msg=lambda m: f"tensor {i}: {m}")
     del ys, got, y
     in_use, idle = torch.ops.fusedrnn.cached_buffer_bytes()
     assert in_use == in_use_before and idle > 0
@@ -218,35 +223,41 @@ def test_fake_kernels_match_the_ops(rng, cell_name, proj, train):
     forward_args = (cell_name, args["xp"], args["batch_sizes"], args["h0"], args["c0"],
                     args["w_hh"], None, args["b_hh"], args["w_hr"], False, train)
     torch.library.opcheck(ops.sequence_forward, forward_args, test_utils=checks)
-    if not train:  # the whole stack: two bidirectional layers
-        H, Hout, G = hidden, args["h0"].shape[1], cell.gates
-        weights = []
-        for layer in range(2):
-            for _ in range(2):
-                weights += [torch.randn(G * H, 6 if layer == 0 else 2 * Hout,
-                                        dtype=torch.float64), args["w_hh"], None, args["b_hh"],
-                            args["w_hr"]]
-        torch.library.opcheck(ops.stack_forward, (
-            cell_name, x, args["batch_sizes"], [args["h0"]] * 4, [args["c0"]] * 4, weights,
-            True), test_utils=checks)
+    # the whole stack: two bidirectional layers
+    H, Hout, G = hidden, args["h0"].shape[1], cell.gates
+    weights = []
+    for layer in range(2):
+        for _ in range(2):
+            weights += [torch.randn(G * H, 6 if layer == 0 else 2 * Hout, dtype=torch.float64),
+                        args["w_hh"], None, args["b_hh"], args["w_hr"]]
+    stack_args = (cell_name, x, args["batch_sizes"], [args["h0"]] * 4, [args["c0"]] * 4,
+                  weights, True, train)
+    torch.library.opcheck(ops.stack_forward, stack_args, test_utils=checks)
     if train:
         y, h_n, c_n, *saved = ops.sequence_forward(*forward_args)
         torch.library.opcheck(ops.sequence_backward, (
             cell_name, args["batch_sizes"], args["w_hh"], args["w_hr"], False, saved,
             torch.randn_like(y), torch.randn_like(h_n),
             torch.randn_like(c_n) if cell.has_cell_state else None), test_utils=checks)
+        y, h_n, c_n, *saved = ops.stack_forward(*stack_args)
+        for need_dx in (True, False):
+            torch.library.opcheck(ops.stack_backward, (
+                cell_name, args["batch_sizes"], x, weights, True, saved, torch.randn_like(y),
+                torch.randn_like(h_n), torch.randn_like(c_n) if cell.has_cell_state else None,
+                need_dx), test_utils=checks)
 
 
 @pytest.mark.parametrize("kind", ["LSTM-proj", "GRU-nobias", "RNN-relu"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-def test_stack_op_runs_inference_in_one_call(rng, monkeypatch, kind, dtype):
-    """Inference runs a whole module in one op call (stack_forward: every layer and direction,
-    packed or padded) and matches torch.nn; with a gradient to take, or dropout between the
-    layers in training, the layers run one by one."""
+def test_stack_op_runs_a_module_in_one_call(rng, monkeypatch, kind, dtype):
+    """A whole module (every layer and direction, packed or padded) runs in one op call,
+    stack_forward, in inference and in training, whose backward is one stack_backward call;
+    values and gradients match torch.nn. With dropout between the layers in training, the
+    layers run one by one."""
     calls = []
     real = fusedrnn.backend.cpu._stack_forward
     monkeypatch.setattr(fusedrnn.backend.cpu, "_stack_forward",
-                        lambda *args: calls.append(args[0]) or real(*args))
+                        lambda *args: calls.append(args[-1]) or real(*args))
     mode, _, extra = kind.partition("-")
     kwargs = dict(num_layers=rng.randint(1, 3), bidirectional=rng.random() < 0.7,
                   **{"proj": dict(proj_size=3), "nobias": dict(bias=False),
@@ -258,7 +269,7 @@ def test_stack_op_runs_inference_in_one_call(rng, monkeypatch, kind, dtype):
     for x in (pack_sequence(seqs, enforce_sorted=False), torch.randn(4, 3, 6, dtype=dtype)):
         with torch.no_grad():
             (out, hidden), (ref_out, ref_hidden) = fused(x), ref(x)
-        assert len(calls) == 1
+        assert calls == [False]  # train false: nothing saved
         calls.clear()
         out, ref_out = (o.data if isinstance(o, nn.utils.rnn.PackedSequence) else o
                         for o in (out, ref_out))
@@ -266,12 +277,20 @@ def test_stack_op_runs_inference_in_one_call(rng, monkeypatch, kind, dtype):
         for a, b in zip(hidden if isinstance(hidden, tuple) else (hidden,),
                         ref_hidden if isinstance(ref_hidden, tuple) else (ref_hidden,)):
             assert_close(a, b, dtype, f"{kind} state")
-    x = torch.randn(4, 3, 6, dtype=dtype)
-    fused(x)[0].sum().backward()  # parameters need gradients
+    x = torch.randn(4, 3, 6, dtype=dtype, requires_grad=True)
+    results = []
+    for m in (fused, ref):
+        y, h = m(x)
+        h = h[0] if mode == "LSTM" else h
+        results.append([y, h, *torch.autograd.grad((y * y).sum() + (h * h).sum(),
+                                                   [x, *m.parameters()])])
+    assert calls == [True]
+    calls.clear()
+    for i, (a, b) in enumerate(zip(*results)):
+        assert_close(a, b, dtype, f"{kind} training tensor {i}")
     fused.dropout = 0.3
-    with torch.no_grad():
-        fused.train()(x)
-    assert calls == [] if kwargs["num_layers"] > 1 else len(calls) <= 1
+    fused.train()(x)
+    assert calls == [] if kwargs["num_layers"] > 1 else calls == [True]
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])

@@ -147,14 +147,15 @@ def stack_args(cell, layers=2, bidirectional=True):
     return dict(cell=cell, x=t(ROWS, I), batch_sizes=STEPS.clone(),
                 h0=[t(B, H) for _ in range(count)],
                 c0=[t(B, H) if cell == "lstm" else None for _ in range(count)],
-                weights=weights, bidirectional=bidirectional)
+                weights=weights, bidirectional=bidirectional, train=False)
 
 
+@pytest.mark.parametrize("train", [False, True], ids=["infer", "train"])
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_stack_forward_rejects_bad_arguments(cell):
+def test_stack_forward_rejects_bad_arguments(cell, train):
     """The stack op checks its lists; each layer's tensors are then checked by the ops it runs
     (mm_rows, sequence_forward), as above."""
-    args = stack_args(cell)
+    args = dict(stack_args(cell), train=train)
     ops.stack_forward(*args.values())
     w = args["weights"]
     bad = [("one h0 too few", dict(args, h0=args["h0"][:-1], c0=args["c0"][:-1])),
@@ -170,4 +171,38 @@ def test_stack_forward_rejects_bad_arguments(cell):
     for what, call in bad:
         with pytest.raises(RuntimeError):
             ops.stack_forward(*call.values())
+            pytest.fail(f"accepted {what}")
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_stack_backward_rejects_bad_arguments(cell):
+    """stack_backward checks its lists and grad_hn; each layer's saved tensors and gradients
+    are then checked by sequence_backward and the GEMM ops, as above."""
+    args = dict(stack_args(cell), train=True)
+    y, h_n, c_n, *saved = ops.stack_forward(*args.values())
+    has_c = cell == "lstm"
+    good = dict(cell=cell, batch_sizes=args["batch_sizes"], x=args["x"], weights=args["weights"],
+                bidirectional=True, saved=saved, grad_y=torch.randn_like(y),
+                grad_hn=torch.randn_like(h_n), grad_cn=torch.randn_like(c_n) if has_c else None,
+                need_dx=True)
+    dx, dh0, dc0, *dweights = ops.stack_backward(*good.values())
+    assert dx.shape == args["x"].shape and dh0.shape == h_n.shape and len(dweights) == 20
+    w = args["weights"]
+    bad = [("a saved tensor too few", dict(good, saved=saved[:-1])),
+           ("saved tensors swapped", dict(good, saved=saved[1:2] + saved[:1] + saved[2:])),
+           ("a weight too few", dict(good, weights=w[:-1])),
+           ("no w_hh", dict(good, weights=w[:1] + [None] + w[2:])),
+           ("odd count for two directions", dict(good, weights=w[:15])),
+           ("grad_y one row short", dict(good, grad_y=good["grad_y"][:-1])),
+           ("grad_y 1-D", dict(good, grad_y=good["grad_y"].reshape(-1))),
+           ("grad_hn of one layer", dict(good, grad_hn=good["grad_hn"][:2])),
+           ("grad_hn 2-D", dict(good, grad_hn=good["grad_hn"][0])),
+           ("float32 grad_y", dict(good, grad_y=good["grad_y"].float())),
+           ("x of other rows", dict(good, x=args["x"][:-1])),
+           ("grad_cn " + ("of one layer" if has_c else "for a cell without c"),
+            dict(good, grad_cn=torch.randn(2 if has_c else 4, B, H, dtype=torch.float64))),
+           ("an unknown cell", dict(good, cell="nope"))]
+    for what, call in bad:
+        with pytest.raises(RuntimeError):
+            ops.stack_backward(*call.values())
             pytest.fail(f"accepted {what}")

@@ -13,7 +13,10 @@ TORCH_LIBRARY(fusedrnn, m) {
         "bool reverse, Tensor[] saved, Tensor grad_y, Tensor grad_hn, Tensor? grad_cn) "
         "-> Tensor[]");
   m.def("stack_forward(str cell, Tensor x, Tensor batch_sizes, Tensor[] h0, Tensor?[] c0, "
-        "Tensor?[] weights, bool bidirectional) -> Tensor[]");
+        "Tensor?[] weights, bool bidirectional, bool train) -> Tensor[]");
+  m.def("stack_backward(str cell, Tensor batch_sizes, Tensor x, Tensor?[] weights, "
+        "bool bidirectional, Tensor[] saved, Tensor grad_y, Tensor grad_hn, Tensor? grad_cn, "
+        "bool need_dx) -> Tensor[]");
   m.def("mm_rows(Tensor a, Tensor b) -> Tensor");
   m.def("mm_tn(Tensor a, Tensor b) -> Tensor");
   m.def("release_cached_buffers() -> int", &fusedrnn::cpu::release_cached_buffers);
@@ -31,6 +34,7 @@ TORCH_LIBRARY_IMPL(fusedrnn, CPU, m) {
   m.impl("sequence_forward", &fusedrnn::cpu::sequence_forward);
   m.impl("sequence_backward", &fusedrnn::cpu::sequence_backward);
   m.impl("stack_forward", &fusedrnn::cpu::stack_forward);
+  m.impl("stack_backward", &fusedrnn::cpu::stack_backward);
   m.impl("mm_rows", &fusedrnn::cpu::mm_rows);
   m.impl("mm_tn", &fusedrnn::cpu::mm_tn);
 }

@@ -671,22 +671,24 @@ struct Kernel {
   // kProj: h goes to proj_in (multiplied by W_hr afterwards) instead of to y and the state.
   // kSave: write the activations backward needs (inference skips those stores).
   // Units [j0, j1) of each row (a tile; all units: 0, H). float32 runs 16 units at a time on
-  // AVX-512 where the build has it (vec512.h), unless FUSEDRNN_CPU_AVX512=0.
+  // AVX-512 where the build has it (vec512.h), unless FUSEDRNN_CPU_AVX512=0. xg's rows are
+  // `xs` apart: G * H, or 0 for one row of zeros when hg already holds xg (forward, fold).
   template <bool kProj, bool kSave>
-  static void pointwise_forward(int64_t n, int64_t H, const T* xg, const T* hg, const T* bias_x,
+  static void pointwise_forward(int64_t n, int64_t H, const T* xg, int64_t xs, const T* hg,
+                                const T* bias_x,
                                 const T* bias_h, T* h_state, T* c_state, T* save, T* y,
                                 T* proj_in, int64_t j0, int64_t j1) {
 #if FUSEDRNN_VEC512
     if constexpr (std::is_same<T, float>::value) {
       if (avx512_pointwise()) {
-        pointwise_forward_x16<kProj, kSave>(n, H, xg, hg, bias_x, bias_h, h_state, c_state, save,
-                                            y, proj_in, j0, j1);
+        pointwise_forward_x16<kProj, kSave>(n, H, xg, xs, hg, bias_x, bias_h, h_state, c_state,
+                                            save, y, proj_in, j0, j1);
         return;
       }
     }
 #endif
     for (int64_t b = 0; b < n; ++b) {
-      const T* __restrict__ xr = xg + b * G * H;
+      const T* __restrict__ xr = xg + b * xs;
       const T* __restrict__ hr = hg + b * G * H;
       const T* __restrict__ bx = bias_x;
       const T* __restrict__ bh = bias_h;
@@ -721,13 +723,14 @@ struct Kernel {
   // that memory is read in order (the gate rows can come from DRAM); the last chunk of a row
   // masks its lanes.
   template <bool kProj, bool kSave>
-  static void pointwise_forward_x16(int64_t n, int64_t H, const float* xg, const float* hg,
+  static void pointwise_forward_x16(int64_t n, int64_t H, const float* xg, int64_t xs,
+                                    const float* hg,
                                     const float* bias_x, const float* bias_h, float* h_state,
                                     float* c_state, float* save, float* y, float* proj_in,
                                     int64_t j0, int64_t j1) {
     using V = cells::F32x16;
     for (int64_t b = 0; b < n; ++b) {
-      const float* xr = xg + b * G * H;
+      const float* xr = xg + b * xs;
       const float* hr = hg + b * G * H;
       for (int64_t j = j0; j < j1; j += 16) {
         const __mmask16 m = V::lanes(j1 - j);
@@ -758,7 +761,7 @@ struct Kernel {
   static std::vector<Tensor> forward(const Tensor& xp, const Steps& steps, const Tensor& h0,
                                      const Tensor& c0, const Tensor& w_hh, const Tensor& bias_x,
                                      const Tensor& bias_h, const Tensor& w_hr, bool reverse,
-                                     bool train, GemmRoute route) {
+                                     bool train, GemmRoute route, bool xp_scratch = false) {
     const int64_t rows = xp.size(0), B = h0.size(0), H = w_hh.size(0) / G;
     const int64_t Hout = h0.size(1);
     const bool proj = w_hr.defined();
@@ -787,6 +790,12 @@ struct Kernel {
 #if FUSEDRNN_VEC512
     const UnitPanels own_panels = own ? UnitPanels::make(w_hh, G) : UnitPanels();
 #endif
+    // fold: the MKL route accumulates each step's h W_hh^T into xp's rows (a cell that sums
+    // the two: !kSplitHiddenGrad) where the caller lets it overwrite xp, so that the pass
+    // reads one [rows, G * H] stream instead of two (LSTM copy inference: 13.7 % of the
+    // time in the pass, with xp and the GEMM's output each 1 MB per step).
+    const bool fold = xp_scratch && !Cell::kSplitHiddenGrad && !tiles && !own;
+    const Tensor zero_row = fold ? at::zeros({G * H}, opts) : Tensor();
     PanelGemm tile_ops =
         tiles ? PanelGemm::make(w_hh.t(), gate_tiles(G, H), B, opts) : PanelGemm();
     auto* const pointwise = proj ? (train ? pointwise_forward<true, true>
@@ -820,8 +829,8 @@ struct Kernel {
             for (int64_t u0 = 0, panel = 0; u0 < H; u0 += kTileUnits) {
               for (int64_t g = 0; g < G; ++g, ++panel)
                 tile_ops.gemm(r0, nb, panel, hg_rows + g * H + u0, G * H);
-              pointwise(nb, H, xg, hg_rows, ptr<T>(bias_x), ptr<T>(bias_h), h_out, c_blk, save,
-                        y_out, pin, u0, std::min(H, u0 + kTileUnits));
+              pointwise(nb, H, xg, G * H, hg_rows, ptr<T>(bias_x), ptr<T>(bias_h), h_out, c_blk,
+                        save, y_out, pin, u0, std::min(H, u0 + kTileUnits));
             }
           }
         } else if (own) {
@@ -834,17 +843,22 @@ struct Kernel {
             for (int64_t b = 0; b < nb; b += R) {
               const int64_t m = std::min(R, nb - b);
               own_panels.mm<G>(m, h_blk + b * Hout, Hout, hg_rows);
-              pointwise(m, H, xg + b * G * H, hg_rows, ptr<T>(bias_x), ptr<T>(bias_h),
+              pointwise(m, H, xg + b * G * H, G * H, hg_rows, ptr<T>(bias_x), ptr<T>(bias_h),
                         proj ? nullptr : h_out + b * H, c_blk ? c_blk + b * H : nullptr,
                         save ? save + b * S * H : nullptr, proj ? nullptr : y_out + b * H,
                         proj ? pin + b * H : nullptr, 0, H);
             }
           }
 #endif
+        } else if (fold) {
+          T* const gates = ptr<T>(xp) + row * G * H;
+          w_hh_packed.mm(nb, h_blk, gates, /*accumulate=*/true);
+          pointwise(nb, H, ptr<T>(zero_row), 0, gates, ptr<T>(bias_x), ptr<T>(bias_h), h_out,
+                    c_blk, save, y_out, pin, 0, H);
         } else {
           w_hh_packed.mm(nb, h_blk, hg_rows);
-          pointwise(nb, H, xg, hg_rows, ptr<T>(bias_x), ptr<T>(bias_h), h_out, c_blk, save,
-                    y_out, pin, 0, H);
+          pointwise(nb, H, xg, G * H, hg_rows, ptr<T>(bias_x), ptr<T>(bias_h), h_out, c_blk,
+                    save, y_out, pin, 0, H);
         }
         if (proj) {
           Tensor y_blk = y.narrow(0, row, nb);
@@ -1187,12 +1201,17 @@ Tensor mm_tn(const Tensor& a, const Tensor& b) {
   return out.copy_(out_t.t());
 }
 
-std::vector<Tensor> sequence_forward(const std::string& cell, const Tensor& xp,
-                                     const Tensor& batch_sizes, const Tensor& h0,
-                                     const c10::optional<Tensor>& c0, const Tensor& w_hh,
-                                     const c10::optional<Tensor>& b_ih,
-                                     const c10::optional<Tensor>& b_hh,
-                                     const c10::optional<Tensor>& w_hr, bool reverse, bool train) {
+namespace {
+
+// sequence_forward; `xp_scratch`: xp is the caller's own buffer, which the kernel may
+// overwrite (Kernel::forward's fold), as stack_forward's projections are.
+std::vector<Tensor> run_sequence_forward(const std::string& cell, const Tensor& xp,
+                                         const Tensor& batch_sizes, const Tensor& h0,
+                                         const c10::optional<Tensor>& c0, const Tensor& w_hh,
+                                         const c10::optional<Tensor>& b_ih,
+                                         const c10::optional<Tensor>& b_hh,
+                                         const c10::optional<Tensor>& w_hr, bool reverse,
+                                         bool train, bool xp_scratch) {
   constexpr const char* op = "fusedrnn::sequence_forward";
   const at::ScalarType dtype = float_dtype(op, xp);
   check_tensor(op, "xp", xp, dtype, {-1, -1});
@@ -1234,48 +1253,154 @@ std::vector<Tensor> sequence_forward(const std::string& cell, const Tensor& xp,
                                   ? GemmRoute::kOnednnTiles
                                   : K::choose_route(cell, xp, steps, h0, cc0, w, bias_x, bias_h,
                                                     wr, train);
-      out = K::forward(xp, steps, h0, cc0, w, bias_x, bias_h, wr, reverse, train, route);
+      out = K::forward(xp, steps, h0, cc0, w, bias_x, bias_h, wr, reverse, train, route,
+                       xp_scratch);
     });
   });
   return out;
 }
 
+}  // namespace
+
+std::vector<Tensor> sequence_forward(const std::string& cell, const Tensor& xp,
+                                     const Tensor& batch_sizes, const Tensor& h0,
+                                     const c10::optional<Tensor>& c0, const Tensor& w_hh,
+                                     const c10::optional<Tensor>& b_ih,
+                                     const c10::optional<Tensor>& b_hh,
+                                     const c10::optional<Tensor>& w_hr, bool reverse, bool train) {
+  return run_sequence_forward(cell, xp, batch_sizes, h0, c0, w_hh, b_ih, b_hh, w_hr, reverse,
+                              train, false);
+}
+
+namespace {
+
+// stack_forward's and stack_backward's argument counts, checked once: `count` layers times
+// directions, one h0 and one c0 (or None) each, five weights each.
+int64_t stack_count(const char* op, int64_t h0s, int64_t c0s, int64_t weights, bool bidirectional) {
+  const int64_t directions = bidirectional ? 2 : 1;
+  TORCH_CHECK(h0s > 0 && h0s % directions == 0, op, ": one h0 per layer and direction, got ",
+              h0s, " for ", directions, " direction(s)");
+  TORCH_CHECK(c0s == h0s, op, ": one c0 (or None) per h0, got ", c0s, " for ", h0s);
+  TORCH_CHECK(weights == 5 * h0s, op,
+              ": five weights (w_ih, w_hh, b_ih, b_hh, w_hr) per layer and direction, got ",
+              weights, " for ", h0s);
+  return h0s;
+}
+
+}  // namespace
+
 std::vector<Tensor> stack_forward(const std::string& cell, const Tensor& x,
                                   const Tensor& batch_sizes, at::TensorList h0,
                                   const c10::List<c10::optional<Tensor>>& c0,
                                   const c10::List<c10::optional<Tensor>>& weights,
-                                  bool bidirectional) {
+                                  bool bidirectional, bool train) {
   const char* op = "fusedrnn::stack_forward";
-  const int64_t directions = bidirectional ? 2 : 1, count = static_cast<int64_t>(h0.size());
-  TORCH_CHECK(count > 0 && count % directions == 0, op, ": one h0 per layer and direction, got ",
-              count, " for ", directions, " direction(s)");
-  TORCH_CHECK(static_cast<int64_t>(c0.size()) == count, op, ": one c0 (or None) per h0, got ",
-              c0.size(), " for ", count);
-  TORCH_CHECK(static_cast<int64_t>(weights.size()) == 5 * count, op,
-              ": five weights (w_ih, w_hh, b_ih, b_hh, w_hr) per layer and direction, got ",
-              weights.size(), " for ", count);
+  const int64_t directions = bidirectional ? 2 : 1;
+  const int64_t count = stack_count(op, static_cast<int64_t>(h0.size()),
+                                    static_cast<int64_t>(c0.size()),
+                                    static_cast<int64_t>(weights.size()), bidirectional);
   auto weight = [&](int64_t k, int64_t i) { return given(weights.get(5 * k + i)); };
   Tensor input = x;
-  std::vector<Tensor> h_n, c_n;
+  std::vector<Tensor> h_n, c_n, saved, inputs;
   for (int64_t layer = 0; layer < count / directions; ++layer) {
+    if (train && layer > 0) inputs.push_back(input);
     std::vector<Tensor> outputs;
     for (int64_t direction = 0; direction < directions; ++direction) {
       const int64_t k = layer * directions + direction;
       const Tensor w_ih = weight(k, 0);
       TORCH_CHECK(w_ih.defined(), op, ": w_ih of layer ", layer, " is required");
       const Tensor xp = mm_rows(input, w_ih.t());
-      std::vector<Tensor> out =
-          sequence_forward(cell, xp, batch_sizes, h0[k], c0.get(k), weight(k, 1), weight(k, 2),
-                           weight(k, 3), weight(k, 4), direction == 1, false);
+      std::vector<Tensor> out = run_sequence_forward(
+          cell, xp, batch_sizes, h0[k], c0.get(k), weight(k, 1), weight(k, 2), weight(k, 3),
+          weight(k, 4), direction == 1, train, /*xp_scratch=*/true);
       outputs.push_back(out[0]);
       h_n.push_back(out[1]);
       c_n.push_back(out[2]);
+      if (train) saved.insert(saved.end(), out.begin() + 3, out.end());
     }
     input = directions == 1 ? outputs[0] : at::cat(outputs, 1);
   }
   // (sequence_forward required c0 of a cell with c, and refused it for the others)
-  return {input, at::stack(h_n),
-          c0.get(0).has_value() ? at::stack(c_n) : at::empty({0}, x.options())};
+  std::vector<Tensor> result{input, at::stack(h_n),
+                             c0.get(0).has_value() ? at::stack(c_n) : at::empty({0}, x.options())};
+  result.insert(result.end(), saved.begin(), saved.end());
+  result.insert(result.end(), inputs.begin(), inputs.end());
+  return result;
+}
+
+std::vector<Tensor> stack_backward(const std::string& cell, const Tensor& batch_sizes,
+                                   const Tensor& x, const c10::List<c10::optional<Tensor>>& weights,
+                                   bool bidirectional, at::TensorList saved, const Tensor& grad_y,
+                                   const Tensor& grad_hn, const c10::optional<Tensor>& grad_cn,
+                                   bool need_dx) {
+  const char* op = "fusedrnn::stack_backward";
+  const int64_t directions = bidirectional ? 2 : 1;
+  const int64_t n = static_cast<int64_t>(weights.size());
+  const int64_t count = stack_count(op, n / 5, n / 5, n, bidirectional);
+  const int64_t layers = count / directions;
+  TORCH_CHECK(static_cast<int64_t>(saved.size()) == 4 * count + layers - 1, op,
+              ": saved must be stack_forward's ", 4 * count + layers - 1,
+              " saved tensors (train true), got ", saved.size());
+  auto weight = [&](int64_t k, int64_t i) { return given(weights.get(5 * k + i)); };
+  const Tensor gc = given(grad_cn);
+  int64_t G = 1;
+  bool has_c = false;
+  with_cell(cell, [&](auto c) {
+    G = decltype(c)::kGates;
+    has_c = decltype(c)::kCellState;
+  });
+  if (has_c && gc.defined())
+    TORCH_CHECK(gc.dim() == 3 && gc.size(0) == count, op, ": grad_cn must be [", count,
+                ", batch, hidden], got ", gc.sizes());
+  if (!has_c) check_absent(op, "grad_cn", gc, "for a cell without a cell state");
+  for (int64_t k = 0; k < count; ++k)
+    TORCH_CHECK(weight(k, 0).defined() && weight(k, 1).defined(), op,
+                ": w_ih and w_hh of every layer and direction are required");
+  TORCH_CHECK(grad_y.dim() == 2, op, ": grad_y must be [rows, directions * out], got ",
+              grad_y.sizes());
+  TORCH_CHECK(grad_hn.dim() == 3 && grad_hn.size(0) == count, op, ": grad_hn must be [",
+              count, ", batch, out], got ", grad_hn.sizes());
+  const int64_t B = grad_hn.size(1);
+  const int64_t Hout = grad_y.size(1) / directions;
+  // The layer's output gradient runs down the stack: each direction's backward gives d_xp,
+  // whence the weight gradient d_w_ih and the input gradient (the directions' summed).
+  std::vector<Tensor> dh0(count), dc0(count), grads(5 * count);
+  Tensor grad = grad_y;
+  for (int64_t layer = layers - 1; layer >= 0; --layer) {
+    const Tensor& input = layer == 0 ? x : saved[4 * count + layer - 1];
+    Tensor dx;
+    for (int64_t direction = 0; direction < directions; ++direction) {
+      const int64_t k = layer * directions + direction;
+      const Tensor w_ih = weight(k, 0), w_hh = weight(k, 1), w_hr = weight(k, 4);
+      const Tensor g = directions == 1 ? grad.contiguous()
+                                       : grad.narrow(1, direction * Hout, Hout).contiguous();
+      const Tensor dhn = grad_hn.select(0, k).contiguous();
+      c10::optional<Tensor> dcn;
+      if (has_c)
+        dcn = gc.defined() ? gc.select(0, k).contiguous()
+                           : at::zeros({B, w_hh.size(0) / G}, g.options());
+      std::vector<Tensor> out = sequence_backward(
+          cell, batch_sizes, w_hh, w_hr.defined() ? c10::optional<Tensor>(w_hr) : c10::nullopt,
+          direction == 1, saved.slice(4 * k, 4), g, dhn, dcn);
+      const Tensor& dxp = out[0];
+      dh0[k] = out[1];
+      dc0[k] = out[2];
+      grads[5 * k] = mm_tn(dxp, input);
+      grads[5 * k + 1] = out[3];
+      grads[5 * k + 2] = weight(k, 2).defined() ? out[6] : at::empty({0}, g.options());
+      grads[5 * k + 3] = weight(k, 3).defined() ? out[4] : at::empty({0}, g.options());
+      grads[5 * k + 4] = out[5];
+      if (layer > 0 || need_dx) {
+        Tensor part = mm_rows(dxp, w_ih);
+        dx = dx.defined() ? dx.add_(part) : part;
+      }
+    }
+    grad = dx;
+  }
+  std::vector<Tensor> result{need_dx ? grad : at::empty({0}, x.options()), at::stack(dh0),
+                             has_c ? at::stack(dc0) : at::empty({0}, x.options())};
+  result.insert(result.end(), grads.begin(), grads.end());
+  return result;
 }
 
 std::vector<Tensor> sequence_backward(const std::string& cell, const Tensor& batch_sizes,

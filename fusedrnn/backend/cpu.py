@@ -138,6 +138,75 @@ def _stack_forward(*args):
     return torch.ops.fusedrnn.stack_forward(*args)
 
 
+def _stack_inputs(count, tensors):
+    """``(h0s, c0s, weights)`` from ``_Stack``'s flat tensor arguments: ``count`` h0, ``count``
+    c0 (None for a cell without c), then five weights per layer and direction."""
+    return list(tensors[:count]), list(tensors[count:2 * count]), list(tensors[2 * count:])
+
+
+def _reference_stack(cell_name, bidirectional, count, x, batch_sizes, *tensors):
+    """The whole stack in the reference's torch ops: what a differentiable backward derives."""
+    h0s, c0s, weights = _stack_inputs(count, tensors)
+    directions = 2 if bidirectional else 1
+    h_n, c_n = [], []
+    for layer in range(count // directions):
+        outputs = []
+        for direction in range(directions):
+            k = layer * directions + direction
+            y, h, c = _reference(cell_name, x, batch_sizes, h0s[k], c0s[k], *weights[5 * k:5 * k + 5],
+                                 direction == 1)
+            outputs.append(y)
+            h_n.append(h)
+            c_n.append(c)
+        x = outputs[0] if directions == 1 else torch.cat(outputs, 1)
+    return x, torch.stack(h_n), (torch.stack(c_n) if c0s[0] is not None else None)
+
+
+class _Stack(torch.autograd.Function):
+    """A whole stack in training: one op call forward (``stack_forward``, saving what backward
+    reads) and one backward (``stack_backward``), with no Python or autograd node between the
+    layers. Arguments: ``(cell_name, bidirectional, count, x, batch_sizes, *h0s, *c0s,
+    *weights)``, ``count`` layers times directions. A backward that must be differentiable is
+    the reference's vjp (backend/transforms.py)."""
+
+    @staticmethod
+    def forward(ctx, cell_name, bidirectional, count, x, batch_sizes, *tensors):
+        h0s, c0s, weights = _stack_inputs(count, tensors)
+        y, h_n, c_n, *saved = _stack_forward(cell_name, x, batch_sizes, h0s, c0s, weights,
+                                             bidirectional, True)
+        ctx.set_materialize_grads(False)
+        ctx.cell_name, ctx.bidirectional, ctx.count = cell_name, bidirectional, count
+        ctx.save_for_backward(x, batch_sizes, *tensors, *saved)
+        return y, h_n, c_n
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_hn, grad_cn):
+        x, batch_sizes, *rest = ctx.saved_tensors
+        count = ctx.count
+        tensors, saved = rest[:7 * count], rest[7 * count:]
+        has_c = tensors[count] is not None
+        if needs_differentiable_backward((grad_y, grad_hn, grad_cn)):
+            inputs = (ctx.cell_name, ctx.bidirectional, count, x, batch_sizes, *tensors)
+            return tuple(differentiable_vjp(_reference_stack, inputs,
+                                            (grad_y, grad_hn, grad_cn if has_c else None)))
+        _, _, weights = _stack_inputs(count, tensors)
+        need = ctx.needs_input_grad
+        h0 = tensors[0]
+        if grad_y is None:
+            grad_y = x.new_zeros(x.shape[0], (2 if ctx.bidirectional else 1) * h0.shape[1])
+        if grad_hn is None:
+            grad_hn = h0.new_zeros(count, *h0.shape)
+        dx, dh0, dc0, *dweights = torch.ops.fusedrnn.stack_backward(
+            ctx.cell_name, batch_sizes, x, weights, ctx.bidirectional, saved,
+            grad_y.contiguous(), grad_hn.contiguous(), grad_cn if has_c else None, need[3])
+        flags = need[5:]
+        grads = [dh0[k] for k in range(count)] + \
+                ([dc0[k] for k in range(count)] if has_c else [None] * count) + dweights
+        return (None, None, None, dx if need[3] else None, None,
+                *[g if flag and t is not None else None
+                  for g, flag, t in zip(grads, flags, tensors)])
+
+
 def release_cached_buffers() -> int:
     """Hands the idle blocks of the extension's buffer cache back to the system, as
     ``torch.cuda.empty_cache`` does on a GPU; returns the bytes released. Layer calls keep their
@@ -174,12 +243,31 @@ def _register_fake_kernels():
                 h0.new_empty(B, H) if lstm else xp.new_empty(0), *saved]
 
     @torch.library.register_fake("fusedrnn::stack_forward")
-    def _stack_forward_fake(cell, x, batch_sizes, h0, c0, weights, bidirectional):
+    def _stack_forward_fake(cell, x, batch_sizes, h0, c0, weights, bidirectional, train):
         (B, h_out), H = h0[0].shape, weights[1].shape[0] // CELLS[cell].gates
-        return [x.new_empty(x.shape[0], (2 if bidirectional else 1) * h_out),
-                h0[0].new_empty(len(h0), B, h_out),
+        directions, rows = 2 if bidirectional else 1, x.shape[0]
+        saved = []
+        if train:
+            for k in range(len(h0)):
+                saved += _sequence_forward(cell, x.new_empty(rows, weights[5 * k + 1].shape[0]),
+                                           batch_sizes, h0[k], c0[k], weights[5 * k + 1], None,
+                                           None, weights[5 * k + 4], False, True)[3:]
+            saved += [x.new_empty(rows, directions * h_out)
+                      for _ in range(len(h0) // directions - 1)]
+        return [x.new_empty(rows, directions * h_out), h0[0].new_empty(len(h0), B, h_out),
                 h0[0].new_empty(len(h0), B, H) if CELLS[cell].has_cell_state
-                else x.new_empty(0)]
+                else x.new_empty(0), *saved]
+
+    @torch.library.register_fake("fusedrnn::stack_backward")
+    def _stack_backward_fake(cell, batch_sizes, x, weights, bidirectional, saved, grad_y,
+                             grad_hn, grad_cn, need_dx):
+        count, (_, B, h_out) = len(weights) // 5, grad_hn.shape
+        H = weights[1].shape[0] // CELLS[cell].gates
+        grads = [x.new_empty(0) if w is None else torch.empty_like(w) for w in weights]
+        return [torch.empty_like(x) if need_dx else x.new_empty(0),
+                x.new_empty(count, B, h_out),
+                x.new_empty(count, B, H) if CELLS[cell].has_cell_state else x.new_empty(0),
+                *grads]
 
     @torch.library.register_fake("fusedrnn::sequence_backward")
     def _sequence_backward(cell, batch_sizes, w_hh, w_hr, reverse, saved, grad_y, grad_hn,
@@ -235,22 +323,26 @@ class CpuBackend(Backend):
                     args.reverse)
 
     def stack(self, x, layers, between=None):
-        """Inference (nothing needs a gradient, no dropout between the layers, float32 or
-        float64): the whole stack in one op call, ``stack_forward``, which runs the same C++
-        as ``layer`` without the Python between the layers (on a 2-layer LSTM of 64 units
-        that was ~0.1 ms of a 1.3 ms forward). Otherwise layer by layer."""
-        flat = [args for directions in layers for args in directions]
-        tensors = [x] + [t for a in flat for t in (a.h0, a.c0, a.w_ih, a.w_hh, a.b_ih, a.b_hh,
-                                                    a.w_hr) if t is not None]
-        if (between is not None or x.dtype == torch.bfloat16 or under_transform()
-                or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))):
+        """Float32 or float64 with no dropout between the layers: the whole stack in one op
+        call, ``stack_forward``, which runs the same C++ as ``layer`` without the Python
+        between the layers (on a 2-layer LSTM of 64 units that was ~0.1 ms of a 1.3 ms
+        forward); in training ``_Stack``, whose backward is one call too. Otherwise (dropout,
+        bfloat16, torch.func) layer by layer."""
+        if between is not None or x.dtype == torch.bfloat16 or under_transform():
             return super().stack(x, layers, between)
+        flat = [args for directions in layers for args in directions]
+        h0s, c0s = _contiguous(*[a.h0 for a in flat]), _contiguous(*[a.c0 for a in flat])
         weights = _contiguous(*[t for a in flat for t in (a.w_ih, a.w_hh, a.b_ih, a.b_hh,
                                                            a.w_hr)])
-        y, h_n, c_n = _stack_forward(flat[0].cell.name, x.contiguous(), flat[0].batch_sizes,
-                                     _contiguous(*[a.h0 for a in flat]),
-                                     _contiguous(*[a.c0 for a in flat]), weights,
-                                     len(layers[0]) == 2)
+        cell_name, bidirectional = flat[0].cell.name, len(layers[0]) == 2
+        x = x.contiguous()
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in [x, *h0s, *c0s, *weights]):
+            y, h_n, c_n = _Stack.apply(cell_name, bidirectional, len(flat), x,
+                                       flat[0].batch_sizes, *h0s, *c0s, *weights)
+        else:
+            y, h_n, c_n = _stack_forward(cell_name, x, flat[0].batch_sizes, h0s, c0s, weights,
+                                         bidirectional, False)
         return y, h_n, (c_n if flat[0].c0 is not None else None)
 
 
