@@ -2,7 +2,7 @@
 modules and anyone composing layers by hand)."""
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Sequence
 
 from torch import Tensor
 
@@ -21,9 +21,9 @@ def rnn_layer(x: Tensor, args: LayerArgs, backend: str = "auto"):
 
 
 def rnn_stack(x: Tensor, layers: Sequence[Sequence[LayerArgs]], backend: str = "auto",
-              between: Optional[Callable[[Tensor], Tensor]] = None):
+              dropout: float = 0.0):
     """Every layer and direction of a module (``layers[l][d]``) from its input rows ``x``,
-    ``between`` (dropout) after each layer but the last: ``(y, h_n [L*D, B, Hout], c_n or
-    None)``. Every layer of a module has one spec (cell, hidden and projection sizes, dtype,
-    device), so one backend runs them all (``Backend.stack``)."""
-    return dispatch.select(backend, layers[0][0].spec(x)).stack(x, layers, between)
+    dropout with probability ``dropout`` (training) after each layer but the last: ``(y, h_n
+    [L*D, B, Hout], c_n or None)``. Every layer of a module has one spec (cell, hidden and
+    projection sizes, dtype, device), so one backend runs them all (``Backend.stack``)."""
+    return dispatch.select(backend, layers[0][0].spec(x)).stack(x, layers, dropout)

@@ -13,7 +13,6 @@ from typing import List, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
@@ -246,8 +245,7 @@ class _FusedRNNMixin(_BackendArg):
         layers = [[args(layer, direction) for direction in range(directions)]
                   for layer in range(self.num_layers)]
         dropout = self.dropout if self.training and self.num_layers > 1 else 0.0
-        between = (lambda y: F.dropout(y, dropout, training=True)) if dropout else None
-        y, h_n, c_n = rnn_stack(x.reshape(-1, x.shape[-1]), layers, self.backend, between)
+        y, h_n, c_n = rnn_stack(x.reshape(-1, x.shape[-1]), layers, self.backend, dropout)
         return y, [h_n] + ([c_n] if c_all is not None else [])
 
     def _in_callers_layout(self, output, hidden, layout):

@@ -230,8 +230,9 @@ def test_fake_kernels_match_the_ops(rng, cell_name, proj, train):
         for _ in range(2):
             weights += [torch.randn(G * H, 6 if layer == 0 else 2 * Hout, dtype=torch.float64),
                         args["w_hh"], None, args["b_hh"], args["w_hr"]]
+    mask = torch.rand(x.shape[0], 2 * Hout, dtype=torch.float64)  # dropout after layer 0
     stack_args = (cell_name, x, args["batch_sizes"], [args["h0"]] * 4, [args["c0"]] * 4,
-                  weights, True, train)
+                  weights, True, train, [mask])
     torch.library.opcheck(ops.stack_forward, stack_args, test_utils=checks)
     if train:
         y, h_n, c_n, *saved = ops.sequence_forward(*forward_args)
@@ -244,7 +245,7 @@ def test_fake_kernels_match_the_ops(rng, cell_name, proj, train):
             torch.library.opcheck(ops.stack_backward, (
                 cell_name, args["batch_sizes"], x, weights, True, saved, torch.randn_like(y),
                 torch.randn_like(h_n), torch.randn_like(c_n) if cell.has_cell_state else None,
-                need_dx), test_utils=checks)
+                need_dx, [mask]), test_utils=checks)
 
 
 @pytest.mark.parametrize("kind", ["LSTM-proj", "GRU-nobias", "RNN-relu"])
@@ -252,12 +253,12 @@ def test_fake_kernels_match_the_ops(rng, cell_name, proj, train):
 def test_stack_op_runs_a_module_in_one_call(rng, monkeypatch, kind, dtype):
     """A whole module (every layer and direction, packed or padded) runs in one op call,
     stack_forward, in inference and in training, whose backward is one stack_backward call;
-    values and gradients match torch.nn. With dropout between the layers in training, the
-    layers run one by one."""
+    values and gradients match torch.nn. Dropout between the layers runs inside the call too:
+    with the same seed, values and gradients equal the layers run one by one."""
     calls = []
     real = fusedrnn.backend.cpu._stack_forward
     monkeypatch.setattr(fusedrnn.backend.cpu, "_stack_forward",
-                        lambda *args: calls.append(args[-1]) or real(*args))
+                        lambda *args: calls.append(args[7]) or real(*args))  # train
     mode, _, extra = kind.partition("-")
     kwargs = dict(num_layers=rng.randint(1, 3), bidirectional=rng.random() < 0.7,
                   **{"proj": dict(proj_size=3), "nobias": dict(bias=False),
@@ -289,8 +290,19 @@ def test_stack_op_runs_a_module_in_one_call(rng, monkeypatch, kind, dtype):
     for i, (a, b) in enumerate(zip(*results)):
         assert_close(a, b, dtype, f"{kind} training tensor {i}")
     fused.dropout = 0.3
-    fused.train()(x)
-    assert calls == [] if kwargs["num_layers"] > 1 else calls == [True]
+    results, seed = [], rng.randrange(2**31)
+    for one_call in (True, False):
+        if not one_call:  # the base class's layer-by-layer stack, F.dropout between the layers
+            monkeypatch.setattr(fusedrnn.backend.cpu.CpuBackend, "stack",
+                                fusedrnn.backend.base.Backend.stack)
+        torch.manual_seed(seed)
+        y, h = fused.train()(x)
+        h = h[0] if mode == "LSTM" else h
+        results.append([y, h, *torch.autograd.grad((y * y).sum() + (h * h).sum(),
+                                                   [x, *fused.parameters()])])
+    assert calls == [True]
+    for i, (a, b) in enumerate(zip(*results)):
+        assert_close(a, b, dtype, f"{kind} dropout tensor {i}")
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])

@@ -147,7 +147,7 @@ def stack_args(cell, layers=2, bidirectional=True):
     return dict(cell=cell, x=t(ROWS, I), batch_sizes=STEPS.clone(),
                 h0=[t(B, H) for _ in range(count)],
                 c0=[t(B, H) if cell == "lstm" else None for _ in range(count)],
-                weights=weights, bidirectional=bidirectional, train=False)
+                weights=weights, bidirectional=bidirectional, train=False, masks=[])
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["infer", "train"])
@@ -157,6 +157,7 @@ def test_stack_forward_rejects_bad_arguments(cell, train):
     (mm_rows, sequence_forward), as above."""
     args = dict(stack_args(cell), train=train)
     ops.stack_forward(*args.values())
+    t = lambda *shape: torch.randn(*shape, dtype=torch.float64)  # noqa: E731
     w = args["weights"]
     bad = [("one h0 too few", dict(args, h0=args["h0"][:-1], c0=args["c0"][:-1])),
            ("odd count for two directions", dict(args, h0=args["h0"][:3], c0=args["c0"][:3],
@@ -167,7 +168,12 @@ def test_stack_forward_rejects_bad_arguments(cell, train):
            ("layer 2's w_ih sized for the input", dict(args, weights=w[:10] + [w[0]] + w[11:])),
            ("a short w_hh", dict(args, weights=w[:1] + [w[1][:-1]] + w[2:])),
            ("a float32 h0", dict(args, h0=[args["h0"][0].float()] + args["h0"][1:])),
-           ("no state", dict(args, h0=[], c0=[], weights=[]))]
+           ("no state", dict(args, h0=[], c0=[], weights=[])),
+           ("a mask per layer", dict(args, masks=[t(ROWS, 2 * H)] * 2)),
+           ("a mask of other rows", dict(args, masks=[t(ROWS - 1, 2 * H)])),
+           ("a float32 mask", dict(args, masks=[t(ROWS, 2 * H).float()])),
+           ("a 1-D mask", dict(args, masks=[t(ROWS * 2 * H)]))]
+    ops.stack_forward(*dict(args, masks=[t(ROWS, 2 * H)]).values())
     for what, call in bad:
         with pytest.raises(RuntimeError):
             ops.stack_forward(*call.values())
@@ -184,7 +190,7 @@ def test_stack_backward_rejects_bad_arguments(cell):
     good = dict(cell=cell, batch_sizes=args["batch_sizes"], x=args["x"], weights=args["weights"],
                 bidirectional=True, saved=saved, grad_y=torch.randn_like(y),
                 grad_hn=torch.randn_like(h_n), grad_cn=torch.randn_like(c_n) if has_c else None,
-                need_dx=True)
+                need_dx=True, masks=[torch.rand(ROWS, 2 * H, dtype=torch.float64)])
     dx, dh0, dc0, *dweights = ops.stack_backward(*good.values())
     assert dx.shape == args["x"].shape and dh0.shape == h_n.shape and len(dweights) == 20
     w = args["weights"]
@@ -201,7 +207,10 @@ def test_stack_backward_rejects_bad_arguments(cell):
            ("x of other rows", dict(good, x=args["x"][:-1])),
            ("grad_cn " + ("of one layer" if has_c else "for a cell without c"),
             dict(good, grad_cn=torch.randn(2 if has_c else 4, B, H, dtype=torch.float64))),
-           ("an unknown cell", dict(good, cell="nope"))]
+           ("an unknown cell", dict(good, cell="nope")),
+           ("two masks for two layers", dict(good, masks=good["masks"] * 2)),
+           ("a mask of other rows", dict(good, masks=[good["masks"][0][:-1]])),
+           ("a float32 mask", dict(good, masks=[good["masks"][0].float()]))]
     for what, call in bad:
         with pytest.raises(RuntimeError):
             ops.stack_backward(*call.values())

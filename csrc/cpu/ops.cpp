@@ -13,10 +13,10 @@ TORCH_LIBRARY(fusedrnn, m) {
         "bool reverse, Tensor[] saved, Tensor grad_y, Tensor grad_hn, Tensor? grad_cn) "
         "-> Tensor[]");
   m.def("stack_forward(str cell, Tensor x, Tensor batch_sizes, Tensor[] h0, Tensor?[] c0, "
-        "Tensor?[] weights, bool bidirectional, bool train) -> Tensor[]");
+        "Tensor?[] weights, bool bidirectional, bool train, Tensor[] masks) -> Tensor[]");
   m.def("stack_backward(str cell, Tensor batch_sizes, Tensor x, Tensor?[] weights, "
         "bool bidirectional, Tensor[] saved, Tensor grad_y, Tensor grad_hn, Tensor? grad_cn, "
-        "bool need_dx) -> Tensor[]");
+        "bool need_dx, Tensor[] masks) -> Tensor[]");
   m.def("mm_rows(Tensor a, Tensor b) -> Tensor");
   m.def("mm_tn(Tensor a, Tensor b) -> Tensor");
   m.def("release_cached_buffers() -> int", &fusedrnn::cpu::release_cached_buffers);

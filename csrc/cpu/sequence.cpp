@@ -1287,22 +1287,41 @@ int64_t stack_count(const char* op, int64_t h0s, int64_t c0s, int64_t weights, b
   return h0s;
 }
 
+// The dropout masks between the layers: none, or one per layer but the last, of x's dtype.
+void check_masks(const char* op, at::TensorList masks, int64_t layers, const Tensor& x) {
+  if (masks.empty()) return;
+  TORCH_CHECK(static_cast<int64_t>(masks.size()) == layers - 1, op,
+              ": masks must be empty or one per layer but the last (", layers - 1, "), got ",
+              masks.size());
+  for (const Tensor& m : masks)
+    TORCH_CHECK(m.scalar_type() == x.scalar_type() && m.device() == x.device() && m.dim() == 2,
+                op, ": masks must be 2-D ", x.scalar_type(), " tensors on ", x.device(),
+                ", got ", m.scalar_type(), " ", m.sizes(), " on ", m.device());
+}
+
 }  // namespace
 
 std::vector<Tensor> stack_forward(const std::string& cell, const Tensor& x,
                                   const Tensor& batch_sizes, at::TensorList h0,
                                   const c10::List<c10::optional<Tensor>>& c0,
                                   const c10::List<c10::optional<Tensor>>& weights,
-                                  bool bidirectional, bool train) {
+                                  bool bidirectional, bool train, at::TensorList masks) {
   const char* op = "fusedrnn::stack_forward";
   const int64_t directions = bidirectional ? 2 : 1;
   const int64_t count = stack_count(op, static_cast<int64_t>(h0.size()),
                                     static_cast<int64_t>(c0.size()),
                                     static_cast<int64_t>(weights.size()), bidirectional);
+  check_masks(op, masks, count / directions, x);
   auto weight = [&](int64_t k, int64_t i) { return given(weights.get(5 * k + i)); };
   Tensor input = x;
   std::vector<Tensor> h_n, c_n, saved, inputs;
   for (int64_t layer = 0; layer < count / directions; ++layer) {
+    if (layer > 0 && !masks.empty()) {
+      TORCH_CHECK(masks[layer - 1].sizes() == input.sizes(), op, ": masks[", layer - 1,
+                  "] must be shaped as layer ", layer - 1, "'s output ", input.sizes(), ", got ",
+                  masks[layer - 1].sizes());
+      input = input.mul(masks[layer - 1]);
+    }
     if (train && layer > 0) inputs.push_back(input);
     std::vector<Tensor> outputs;
     for (int64_t direction = 0; direction < directions; ++direction) {
@@ -1332,12 +1351,13 @@ std::vector<Tensor> stack_backward(const std::string& cell, const Tensor& batch_
                                    const Tensor& x, const c10::List<c10::optional<Tensor>>& weights,
                                    bool bidirectional, at::TensorList saved, const Tensor& grad_y,
                                    const Tensor& grad_hn, const c10::optional<Tensor>& grad_cn,
-                                   bool need_dx) {
+                                   bool need_dx, at::TensorList masks) {
   const char* op = "fusedrnn::stack_backward";
   const int64_t directions = bidirectional ? 2 : 1;
   const int64_t n = static_cast<int64_t>(weights.size());
   const int64_t count = stack_count(op, n / 5, n / 5, n, bidirectional);
   const int64_t layers = count / directions;
+  check_masks(op, masks, layers, x);
   TORCH_CHECK(static_cast<int64_t>(saved.size()) == 4 * count + layers - 1, op,
               ": saved must be stack_forward's ", 4 * count + layers - 1,
               " saved tensors (train true), got ", saved.size());
@@ -1394,6 +1414,12 @@ std::vector<Tensor> stack_backward(const std::string& cell, const Tensor& batch_
         Tensor part = mm_rows(dxp, w_ih);
         dx = dx.defined() ? dx.add_(part) : part;
       }
+    }
+    if (layer > 0 && !masks.empty()) {
+      TORCH_CHECK(masks[layer - 1].sizes() == dx.sizes(), op, ": masks[", layer - 1,
+                  "] must be shaped as layer ", layer - 1, "'s output ", dx.sizes(), ", got ",
+                  masks[layer - 1].sizes());
+      dx.mul_(masks[layer - 1]);
     }
     grad = dx;
   }

@@ -32,27 +32,30 @@ std::vector<at::Tensor> sequence_backward(const std::string& cell, const at::Ten
 // input rows x [rows, I], each direction as mm_rows and sequence_forward, the directions'
 // outputs concatenated. h0 and c0 hold one state per layer and direction, in torch.nn's order,
 // c0 None for cells without c; weights five per layer and direction: w_ih, w_hh, b_ih, b_hh,
-// w_hr (None where absent). Returns {y [rows, D * Hout], h_n [L * D, B, Hout], c_n [L * D, B,
-// H] (empty without c)}, and with `train` what stack_backward reads: each layer and
-// direction's four saved tensors (sequence_forward's), then the input rows of layers 1..L-1.
+// w_hr (None where absent); `masks` none, or one per layer but the last (dropout: each layer's
+// output is multiplied by its mask before the next layer reads it). Returns {y [rows, D *
+// Hout], h_n [L * D, B, Hout], c_n [L * D, B, H] (empty without c)}, and with `train` what
+// stack_backward reads: each layer and direction's four saved tensors (sequence_forward's),
+// then the (masked) input rows of layers 1..L-1.
 std::vector<at::Tensor> stack_forward(const std::string& cell, const at::Tensor& x,
                                       const at::Tensor& batch_sizes, at::TensorList h0,
                                       const c10::List<c10::optional<at::Tensor>>& c0,
                                       const c10::List<c10::optional<at::Tensor>>& weights,
-                                      bool bidirectional, bool train);
+                                      bool bidirectional, bool train, at::TensorList masks);
 
 // The whole stack's backward from stack_forward's saved tensors, layer by layer downwards:
 // grad_y [rows, D * Hout] is the last layer's output gradient, grad_hn [L * D, B, Hout] and
 // grad_cn [L * D, B, H] (None: zero) the final states'. Returns {d_x (empty unless need_dx), d_h0 [L * D, B, Hout], d_c0 (empty
 // without c), then per layer and direction d_w_ih, d_w_hh, d_b_ih, d_b_hh, d_w_hr (empty where
-// the weight is absent)}.
+// the weight is absent)}. `masks`: stack_forward's.
 std::vector<at::Tensor> stack_backward(const std::string& cell, const at::Tensor& batch_sizes,
                                        const at::Tensor& x,
                                        const c10::List<c10::optional<at::Tensor>>& weights,
                                        bool bidirectional, at::TensorList saved,
                                        const at::Tensor& grad_y,
                                        const at::Tensor& grad_hn,
-                                       const c10::optional<at::Tensor>& grad_cn, bool need_dx);
+                                       const c10::optional<at::Tensor>& grad_cn, bool need_dx,
+                                       at::TensorList masks);
 
 // The cells the kernels were built for (csrc/cells/cells.h), and one cell's traits as
 // {gates, states, reads h_prev, split hidden grad, saved per hidden unit}: the Python registry

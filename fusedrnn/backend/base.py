@@ -9,7 +9,7 @@ initial) state, which is exactly the final state torch.nn returns for packed inp
 from __future__ import annotations
 
 from types import MappingProxyType
-from typing import Callable, FrozenSet, Mapping, NamedTuple, Optional, Sequence
+from typing import FrozenSet, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -114,11 +114,10 @@ class Backend:
         """
         return self.sequence(F.linear(x, args.w_ih, args.b_ih), args)
 
-    def stack(self, x: Tensor, layers: Sequence[Sequence[LayerArgs]],
-              between: Optional[Callable[[Tensor], Tensor]] = None):
+    def stack(self, x: Tensor, layers: Sequence[Sequence[LayerArgs]], dropout: float = 0.0):
         """Every layer of a module from its input rows ``x``: ``layers[l]`` holds layer l's
-        directions, each run by ``layer`` and their outputs concatenated; ``between`` (dropout)
-        is applied to each layer's output but the last. Returns the last layer's rows, ``h_n``
+        directions, each run by ``layer`` and their outputs concatenated; dropout with
+        probability ``dropout`` (training) is applied to each layer's output but the last. Returns the last layer's rows, ``h_n``
         ``[L * D, B, Hout]`` and ``c_n`` ``[L * D, B, H]`` or None. A backend may override it
         to run the whole stack in one call."""
         h_n, c_n = [], []
@@ -130,6 +129,6 @@ class Backend:
                 h_n.append(h)
                 c_n.append(c)
             x = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
-            if between is not None and index < len(layers) - 1:
-                x = between(x)
+            if dropout and index < len(layers) - 1:
+                x = F.dropout(x, dropout, training=True)
         return x, torch.stack(h_n), (torch.stack(c_n) if c_n[0] is not None else None)

@@ -144,17 +144,27 @@ def _stack_inputs(count, tensors):
     return list(tensors[:count]), list(tensors[count:2 * count]), list(tensors[2 * count:])
 
 
-def _reference_stack(cell_name, bidirectional, count, x, batch_sizes, *tensors):
+def _dropout_masks(p, rows, width, layers, like):
+    """The dropout masks between ``layers`` layers of ``[rows, width]`` outputs, each scaled by
+    1 / (1 - p), drawn as F.dropout draws them (same generator calls, same values)."""
+    if p >= 1:
+        return [like.new_zeros(rows, width) for _ in range(layers - 1)]
+    return [like.new_empty(rows, width).bernoulli_(1 - p).div_(1 - p) for _ in range(layers - 1)]
+
+
+def _reference_stack(cell_name, bidirectional, count, masks, x, batch_sizes, *tensors):
     """The whole stack in the reference's torch ops: what a differentiable backward derives."""
     h0s, c0s, weights = _stack_inputs(count, tensors)
     directions = 2 if bidirectional else 1
     h_n, c_n = [], []
     for layer in range(count // directions):
+        if layer > 0 and masks:
+            x = x * masks[layer - 1]
         outputs = []
         for direction in range(directions):
             k = layer * directions + direction
-            y, h, c = _reference(cell_name, x, batch_sizes, h0s[k], c0s[k], *weights[5 * k:5 * k + 5],
-                                 direction == 1)
+            y, h, c = _reference(cell_name, x, batch_sizes, h0s[k], c0s[k],
+                                 *weights[5 * k:5 * k + 5], direction == 1)
             outputs.append(y)
             h_n.append(h)
             c_n.append(c)
@@ -165,28 +175,31 @@ def _reference_stack(cell_name, bidirectional, count, x, batch_sizes, *tensors):
 class _Stack(torch.autograd.Function):
     """A whole stack in training: one op call forward (``stack_forward``, saving what backward
     reads) and one backward (``stack_backward``), with no Python or autograd node between the
-    layers. Arguments: ``(cell_name, bidirectional, count, x, batch_sizes, *h0s, *c0s,
-    *weights)``, ``count`` layers times directions. A backward that must be differentiable is
-    the reference's vjp (backend/transforms.py)."""
+    layers. Arguments: ``(cell_name, bidirectional, count, masks, x, batch_sizes, *h0s, *c0s,
+    *weights)``, ``count`` layers times directions, ``masks`` the dropout masks between the
+    layers (a list, empty without dropout). A backward that must be differentiable is the
+    reference's vjp (backend/transforms.py)."""
 
     @staticmethod
-    def forward(ctx, cell_name, bidirectional, count, x, batch_sizes, *tensors):
+    def forward(ctx, cell_name, bidirectional, count, masks, x, batch_sizes, *tensors):
         h0s, c0s, weights = _stack_inputs(count, tensors)
         y, h_n, c_n, *saved = _stack_forward(cell_name, x, batch_sizes, h0s, c0s, weights,
-                                             bidirectional, True)
+                                             bidirectional, True, masks)
         ctx.set_materialize_grads(False)
         ctx.cell_name, ctx.bidirectional, ctx.count = cell_name, bidirectional, count
-        ctx.save_for_backward(x, batch_sizes, *tensors, *saved)
+        ctx.masks = len(masks)
+        ctx.save_for_backward(x, batch_sizes, *tensors, *masks, *saved)
         return y, h_n, c_n
 
     @staticmethod
     def backward(ctx, grad_y, grad_hn, grad_cn):
         x, batch_sizes, *rest = ctx.saved_tensors
         count = ctx.count
-        tensors, saved = rest[:7 * count], rest[7 * count:]
+        tensors, masks = rest[:7 * count], rest[7 * count:7 * count + ctx.masks]
+        saved = rest[7 * count + ctx.masks:]
         has_c = tensors[count] is not None
         if needs_differentiable_backward((grad_y, grad_hn, grad_cn)):
-            inputs = (ctx.cell_name, ctx.bidirectional, count, x, batch_sizes, *tensors)
+            inputs = (ctx.cell_name, ctx.bidirectional, count, masks, x, batch_sizes, *tensors)
             return tuple(differentiable_vjp(_reference_stack, inputs,
                                             (grad_y, grad_hn, grad_cn if has_c else None)))
         _, _, weights = _stack_inputs(count, tensors)
@@ -198,11 +211,11 @@ class _Stack(torch.autograd.Function):
             grad_hn = h0.new_zeros(count, *h0.shape)
         dx, dh0, dc0, *dweights = torch.ops.fusedrnn.stack_backward(
             ctx.cell_name, batch_sizes, x, weights, ctx.bidirectional, saved,
-            grad_y.contiguous(), grad_hn.contiguous(), grad_cn if has_c else None, need[3])
-        flags = need[5:]
+            grad_y.contiguous(), grad_hn.contiguous(), grad_cn if has_c else None, need[4], masks)
+        flags = need[6:]
         grads = [dh0[k] for k in range(count)] + \
                 ([dc0[k] for k in range(count)] if has_c else [None] * count) + dweights
-        return (None, None, None, dx if need[3] else None, None,
+        return (None, None, None, None, dx if need[4] else None, None,
                 *[g if flag and t is not None else None
                   for g, flag, t in zip(grads, flags, tensors)])
 
@@ -243,7 +256,8 @@ def _register_fake_kernels():
                 h0.new_empty(B, H) if lstm else xp.new_empty(0), *saved]
 
     @torch.library.register_fake("fusedrnn::stack_forward")
-    def _stack_forward_fake(cell, x, batch_sizes, h0, c0, weights, bidirectional, train):
+    def _stack_forward_fake(cell, x, batch_sizes, h0, c0, weights, bidirectional, train,
+                            masks):
         (B, h_out), H = h0[0].shape, weights[1].shape[0] // CELLS[cell].gates
         directions, rows = 2 if bidirectional else 1, x.shape[0]
         saved = []
@@ -260,7 +274,7 @@ def _register_fake_kernels():
 
     @torch.library.register_fake("fusedrnn::stack_backward")
     def _stack_backward_fake(cell, batch_sizes, x, weights, bidirectional, saved, grad_y,
-                             grad_hn, grad_cn, need_dx):
+                             grad_hn, grad_cn, need_dx, masks):
         count, (_, B, h_out) = len(weights) // 5, grad_hn.shape
         H = weights[1].shape[0] // CELLS[cell].gates
         grads = [x.new_empty(0) if w is None else torch.empty_like(w) for w in weights]
@@ -322,27 +336,29 @@ class CpuBackend(Backend):
         return _run(args.cell.name, x, args.batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
                     args.reverse)
 
-    def stack(self, x, layers, between=None):
-        """Float32 or float64 with no dropout between the layers: the whole stack in one op
-        call, ``stack_forward``, which runs the same C++ as ``layer`` without the Python
-        between the layers (on a 2-layer LSTM of 64 units that was ~0.1 ms of a 1.3 ms
-        forward); in training ``_Stack``, whose backward is one call too. Otherwise (dropout,
-        bfloat16, torch.func) layer by layer."""
-        if between is not None or x.dtype == torch.bfloat16 or under_transform():
-            return super().stack(x, layers, between)
+    def stack(self, x, layers, dropout=0.0):
+        """Float32 or float64: the whole stack in one op call, ``stack_forward``, which runs
+        the same C++ as ``layer`` without the Python between the layers (on a 2-layer LSTM of
+        64 units that was ~0.1 ms of a 1.3 ms forward); in training ``_Stack``, whose backward
+        is one call too. Dropout between the layers runs inside the call, on masks drawn here
+        as F.dropout draws them. bfloat16 and torch.func run layer by layer."""
+        if x.dtype == torch.bfloat16 or under_transform():
+            return super().stack(x, layers, dropout)
         flat = [args for directions in layers for args in directions]
         h0s, c0s = _contiguous(*[a.h0 for a in flat]), _contiguous(*[a.c0 for a in flat])
         weights = _contiguous(*[t for a in flat for t in (a.w_ih, a.w_hh, a.b_ih, a.b_hh,
                                                            a.w_hr)])
         cell_name, bidirectional = flat[0].cell.name, len(layers[0]) == 2
         x = x.contiguous()
+        masks = _dropout_masks(dropout, x.shape[0], len(layers[0]) * h0s[0].shape[1],
+                               len(layers), x) if dropout else []
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                            for t in [x, *h0s, *c0s, *weights]):
-            y, h_n, c_n = _Stack.apply(cell_name, bidirectional, len(flat), x,
+            y, h_n, c_n = _Stack.apply(cell_name, bidirectional, len(flat), masks, x,
                                        flat[0].batch_sizes, *h0s, *c0s, *weights)
         else:
             y, h_n, c_n = _stack_forward(cell_name, x, flat[0].batch_sizes, h0s, c0s, weights,
-                                         bidirectional, False)
+                                         bidirectional, False, masks)
         return y, h_n, (c_n if flat[0].c0 is not None else None)
 
 
