@@ -793,7 +793,8 @@ struct Kernel {
     // fold: the MKL route accumulates each step's h W_hh^T into xp's rows (a cell that sums
     // the two: !kSplitHiddenGrad) where the caller lets it overwrite xp, so that the pass
     // reads one [rows, G * H] stream instead of two (LSTM copy inference: 13.7 % of the
-    // time in the pass, with xp and the GEMM's output each 1 MB per step).
+    // time in the pass, with xp and the GEMM's output each 1 MB per step). The route probe
+    // runs without it (it must not write the call's xp), so it times MKL a little slow.
     const bool fold = xp_scratch && !Cell::kSplitHiddenGrad && !tiles && !own;
     const Tensor zero_row = fold ? at::zeros({G * H}, opts) : Tensor();
     PanelGemm tile_ops =
@@ -1274,17 +1275,14 @@ std::vector<Tensor> sequence_forward(const std::string& cell, const Tensor& xp,
 
 namespace {
 
-// stack_forward's and stack_backward's argument counts, checked once: `count` layers times
-// directions, one h0 and one c0 (or None) each, five weights each.
-int64_t stack_count(const char* op, int64_t h0s, int64_t c0s, int64_t weights, bool bidirectional) {
+// The number of layers times directions of a stack, from its weights (five per layer and
+// direction: w_ih, w_hh, b_ih, b_hh, w_hr).
+int64_t stack_count(const char* op, int64_t weights, bool bidirectional) {
   const int64_t directions = bidirectional ? 2 : 1;
-  TORCH_CHECK(h0s > 0 && h0s % directions == 0, op, ": one h0 per layer and direction, got ",
-              h0s, " for ", directions, " direction(s)");
-  TORCH_CHECK(c0s == h0s, op, ": one c0 (or None) per h0, got ", c0s, " for ", h0s);
-  TORCH_CHECK(weights == 5 * h0s, op,
+  TORCH_CHECK(weights > 0 && weights % (5 * directions) == 0, op,
               ": five weights (w_ih, w_hh, b_ih, b_hh, w_hr) per layer and direction, got ",
-              weights, " for ", h0s);
-  return h0s;
+              weights, " for ", directions, " direction(s)");
+  return weights / 5;
 }
 
 // The dropout masks between the layers: none, or one per layer but the last, of x's dtype.
@@ -1299,6 +1297,14 @@ void check_masks(const char* op, at::TensorList masks, int64_t layers, const Ten
                 ", got ", m.scalar_type(), " ", m.sizes(), " on ", m.device());
 }
 
+// The dropout mask after layer `layer`, checked against that layer's output (or its gradient).
+const Tensor& mask_after(const char* op, at::TensorList masks, int64_t layer,
+                         at::IntArrayRef output) {
+  TORCH_CHECK(masks[layer].sizes() == output, op, ": masks[", layer, "] must be shaped as layer ",
+              layer, "'s output ", output, ", got ", masks[layer].sizes());
+  return masks[layer];
+}
+
 }  // namespace
 
 std::vector<Tensor> stack_forward(const std::string& cell, const Tensor& x,
@@ -1308,20 +1314,18 @@ std::vector<Tensor> stack_forward(const std::string& cell, const Tensor& x,
                                   bool bidirectional, bool train, at::TensorList masks) {
   const char* op = "fusedrnn::stack_forward";
   const int64_t directions = bidirectional ? 2 : 1;
-  const int64_t count = stack_count(op, static_cast<int64_t>(h0.size()),
-                                    static_cast<int64_t>(c0.size()),
-                                    static_cast<int64_t>(weights.size()), bidirectional);
+  const int64_t count = stack_count(op, static_cast<int64_t>(weights.size()), bidirectional);
+  TORCH_CHECK(static_cast<int64_t>(h0.size()) == count, op,
+              ": one h0 per layer and direction, got ", h0.size(), " for ", count);
+  TORCH_CHECK(static_cast<int64_t>(c0.size()) == count, op, ": one c0 (or None) per h0, got ",
+              c0.size(), " for ", count);
   check_masks(op, masks, count / directions, x);
   auto weight = [&](int64_t k, int64_t i) { return given(weights.get(5 * k + i)); };
   Tensor input = x;
   std::vector<Tensor> h_n, c_n, saved, inputs;
   for (int64_t layer = 0; layer < count / directions; ++layer) {
-    if (layer > 0 && !masks.empty()) {
-      TORCH_CHECK(masks[layer - 1].sizes() == input.sizes(), op, ": masks[", layer - 1,
-                  "] must be shaped as layer ", layer - 1, "'s output ", input.sizes(), ", got ",
-                  masks[layer - 1].sizes());
-      input = input.mul(masks[layer - 1]);
-    }
+    if (layer > 0 && !masks.empty())
+      input = input.mul(mask_after(op, masks, layer - 1, input.sizes()));
     if (train && layer > 0) inputs.push_back(input);
     std::vector<Tensor> outputs;
     for (int64_t direction = 0; direction < directions; ++direction) {
@@ -1354,8 +1358,7 @@ std::vector<Tensor> stack_backward(const std::string& cell, const Tensor& batch_
                                    bool need_dx, at::TensorList masks) {
   const char* op = "fusedrnn::stack_backward";
   const int64_t directions = bidirectional ? 2 : 1;
-  const int64_t n = static_cast<int64_t>(weights.size());
-  const int64_t count = stack_count(op, n / 5, n / 5, n, bidirectional);
+  const int64_t count = stack_count(op, static_cast<int64_t>(weights.size()), bidirectional);
   const int64_t layers = count / directions;
   check_masks(op, masks, layers, x);
   TORCH_CHECK(static_cast<int64_t>(saved.size()) == 4 * count + layers - 1, op,
@@ -1415,12 +1418,7 @@ std::vector<Tensor> stack_backward(const std::string& cell, const Tensor& batch_
         dx = dx.defined() ? dx.add_(part) : part;
       }
     }
-    if (layer > 0 && !masks.empty()) {
-      TORCH_CHECK(masks[layer - 1].sizes() == dx.sizes(), op, ": masks[", layer - 1,
-                  "] must be shaped as layer ", layer - 1, "'s output ", dx.sizes(), ", got ",
-                  masks[layer - 1].sizes());
-      dx.mul_(masks[layer - 1]);
-    }
+    if (layer > 0 && !masks.empty()) dx.mul_(mask_after(op, masks, layer - 1, dx.sizes()));
     grad = dx;
   }
   std::vector<Tensor> result{need_dx ? grad : at::empty({0}, x.options()), at::stack(dh0),

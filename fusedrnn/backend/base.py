@@ -117,9 +117,9 @@ class Backend:
     def stack(self, x: Tensor, layers: Sequence[Sequence[LayerArgs]], dropout: float = 0.0):
         """Every layer of a module from its input rows ``x``: ``layers[l]`` holds layer l's
         directions, each run by ``layer`` and their outputs concatenated; dropout with
-        probability ``dropout`` (training) is applied to each layer's output but the last. Returns the last layer's rows, ``h_n``
-        ``[L * D, B, Hout]`` and ``c_n`` ``[L * D, B, H]`` or None. A backend may override it
-        to run the whole stack in one call."""
+        probability ``dropout`` (training) is applied to each layer's output but the last.
+        Returns the last layer's rows, ``h_n`` ``[L * D, B, Hout]`` and ``c_n`` ``[L * D, B,
+        H]`` or None. A backend may override it to run the whole stack in one call."""
         h_n, c_n = [], []
         for index, directions in enumerate(layers):
             outputs = []
