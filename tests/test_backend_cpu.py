@@ -234,6 +234,12 @@ def test_fake_kernels_match_the_ops(rng, cell_name, proj, train):
     stack_args = (cell_name, x, args["batch_sizes"], [args["h0"]] * 4, [args["c0"]] * 4,
                   weights, True, train, [mask])
     torch.library.opcheck(ops.stack_forward, stack_args, test_utils=checks)
+    if train:  # stack_train: its autograd node too (opcheck's default checks, AOT included)
+        grad_args = [t.requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point()
+                     else t for t in (x, *weights)]
+        torch.library.opcheck(ops.stack_train, (
+            cell_name, grad_args[0], args["batch_sizes"], stack_args[3], stack_args[4],
+            grad_args[1:], True, [mask]))
     if train:
         y, h_n, c_n, *saved = ops.sequence_forward(*forward_args)
         torch.library.opcheck(ops.sequence_backward, (
@@ -252,13 +258,18 @@ def test_fake_kernels_match_the_ops(rng, cell_name, proj, train):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_stack_op_runs_a_module_in_one_call(rng, monkeypatch, kind, dtype):
     """A whole module (every layer and direction, packed or padded) runs in one op call,
-    stack_forward, in inference and in training, whose backward is one stack_backward call;
-    values and gradients match torch.nn. Dropout between the layers runs inside the call too:
+    stack_forward in inference (train false: nothing saved) and stack_train in training (its
+    autograd node in C++, whose backward is one stack_backward call); values and gradients
+    match torch.nn. Dropout between the layers runs inside the call too:
     with the same seed, values and gradients equal the layers run one by one."""
     calls = []
-    real = fusedrnn.backend.cpu._stack_forward
-    monkeypatch.setattr(fusedrnn.backend.cpu, "_stack_forward",
-                        lambda *args: calls.append(args[7]) or real(*args))  # train
+    cpu = fusedrnn.backend.cpu
+    real_forward, real_train = cpu._stack_forward, cpu._stack_train
+    monkeypatch.setattr(cpu, "_stack_forward",
+                        lambda *args: calls.append(f"forward train={args[7]}") or
+                        real_forward(*args))
+    monkeypatch.setattr(cpu, "_stack_train",
+                        lambda *args: calls.append("train") or real_train(*args))
     mode, _, extra = kind.partition("-")
     kwargs = dict(num_layers=rng.randint(1, 3), bidirectional=rng.random() < 0.7,
                   **{"proj": dict(proj_size=3), "nobias": dict(bias=False),
@@ -270,7 +281,7 @@ def test_stack_op_runs_a_module_in_one_call(rng, monkeypatch, kind, dtype):
     for x in (pack_sequence(seqs, enforce_sorted=False), torch.randn(4, 3, 6, dtype=dtype)):
         with torch.no_grad():
             (out, hidden), (ref_out, ref_hidden) = fused(x), ref(x)
-        assert calls == [False]  # train false: nothing saved
+        assert calls == ["forward train=False"]
         calls.clear()
         out, ref_out = (o.data if isinstance(o, nn.utils.rnn.PackedSequence) else o
                         for o in (out, ref_out))
@@ -285,7 +296,7 @@ def test_stack_op_runs_a_module_in_one_call(rng, monkeypatch, kind, dtype):
         h = h[0] if mode == "LSTM" else h
         results.append([y, h, *torch.autograd.grad((y * y).sum() + (h * h).sum(),
                                                    [x, *m.parameters()])])
-    assert calls == [True]
+    assert calls == ["train"]
     calls.clear()
     for i, (a, b) in enumerate(zip(*results)):
         assert_close(a, b, dtype, f"{kind} training tensor {i}")
@@ -300,7 +311,7 @@ def test_stack_op_runs_a_module_in_one_call(rng, monkeypatch, kind, dtype):
         h = h[0] if mode == "LSTM" else h
         results.append([y, h, *torch.autograd.grad((y * y).sum() + (h * h).sum(),
                                                    [x, *fused.parameters()])])
-    assert calls == [True]
+    assert calls == ["train"]
     for i, (a, b) in enumerate(zip(*results)):
         assert_close(a, b, dtype, f"{kind} dropout tensor {i}")
 

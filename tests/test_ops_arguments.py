@@ -150,13 +150,19 @@ def stack_args(cell, layers=2, bidirectional=True):
                 weights=weights, bidirectional=bidirectional, train=False, masks=[])
 
 
-@pytest.mark.parametrize("train", [False, True], ids=["infer", "train"])
+@pytest.mark.parametrize("op,train", [("stack_forward", False), ("stack_forward", True),
+                                      ("stack_train", None)])
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_stack_forward_rejects_bad_arguments(cell, train):
-    """The stack op checks its lists; each layer's tensors are then checked by the ops it runs
-    (mm_rows, sequence_forward), as above."""
+def test_stack_forward_rejects_bad_arguments(cell, op, train):
+    """The stack ops check their lists; each layer's tensors are then checked by the ops they
+    run (mm_rows, sequence_forward), as above. stack_train (stack_forward with its autograd
+    node) gets inputs that require grad, so that its autograd kernel runs."""
     args = dict(stack_args(cell), train=train)
-    ops.stack_forward(*args.values())
+    if op == "stack_train":
+        del args["train"]
+        args["x"].requires_grad_()
+    run = getattr(ops, op)
+    run(*args.values())
     t = lambda *shape: torch.randn(*shape, dtype=torch.float64)  # noqa: E731
     w = args["weights"]
     bad = [("one h0 too few", dict(args, h0=args["h0"][:-1], c0=args["c0"][:-1])),
@@ -173,10 +179,10 @@ def test_stack_forward_rejects_bad_arguments(cell, train):
            ("a mask of other rows", dict(args, masks=[t(ROWS - 1, 2 * H)])),
            ("a float32 mask", dict(args, masks=[t(ROWS, 2 * H).float()])),
            ("a 1-D mask", dict(args, masks=[t(ROWS * 2 * H)]))]
-    ops.stack_forward(*dict(args, masks=[t(ROWS, 2 * H)]).values())
+    run(*dict(args, masks=[t(ROWS, 2 * H)]).values())
     for what, call in bad:
         with pytest.raises(RuntimeError):
-            ops.stack_forward(*call.values())
+            run(*call.values())
             pytest.fail(f"accepted {what}")
 
 

@@ -17,6 +17,12 @@ TORCH_LIBRARY(fusedrnn, m) {
   m.def("stack_backward(str cell, Tensor batch_sizes, Tensor x, Tensor?[] weights, "
         "bool bidirectional, Tensor[] saved, Tensor grad_y, Tensor grad_hn, Tensor? grad_cn, "
         "bool need_dx, Tensor[] masks) -> Tensor[]");
+  m.def("stack_train(str cell, Tensor x, Tensor batch_sizes, Tensor[] h0, Tensor?[] c0, "
+        "Tensor?[] weights, bool bidirectional, Tensor[] masks) -> Tensor[]");
+  // stack_train's differentiable backward: defined in Python (fusedrnn/backend/cpu.py)
+  m.def("stack_backward_reference(str cell, bool bidirectional, Tensor[] masks, Tensor x, "
+        "Tensor batch_sizes, Tensor[] h0, Tensor?[] c0, Tensor?[] weights, Tensor? grad_y, "
+        "Tensor? grad_hn, Tensor? grad_cn) -> Tensor[]");
   m.def("mm_rows(Tensor a, Tensor b) -> Tensor");
   m.def("mm_tn(Tensor a, Tensor b) -> Tensor");
   m.def("release_cached_buffers() -> int", &fusedrnn::cpu::release_cached_buffers);
@@ -35,9 +41,12 @@ TORCH_LIBRARY_IMPL(fusedrnn, CPU, m) {
   m.impl("sequence_backward", &fusedrnn::cpu::sequence_backward);
   m.impl("stack_forward", &fusedrnn::cpu::stack_forward);
   m.impl("stack_backward", &fusedrnn::cpu::stack_backward);
+  m.impl("stack_train", &fusedrnn::cpu::stack_train_no_autograd);
   m.impl("mm_rows", &fusedrnn::cpu::mm_rows);
   m.impl("mm_tn", &fusedrnn::cpu::mm_tn);
 }
+
+TORCH_LIBRARY_IMPL(fusedrnn, Autograd, m) { m.impl("stack_train", &fusedrnn::cpu::stack_train); }
 
 // A bare Python module: `import fusedrnn._C` runs the static registration above.
 static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};

@@ -57,6 +57,20 @@ std::vector<at::Tensor> stack_backward(const std::string& cell, const at::Tensor
                                        const c10::optional<at::Tensor>& grad_cn, bool need_dx,
                                        at::TensorList masks);
 
+// stack_forward and stack_backward as one op with its autograd node in C++
+// (stack_autograd.cpp): y [rows, D * Hout], h_n, c_n (empty without c). Its kernel below
+// autograd (inference mode) is stack_forward without the saves.
+std::vector<at::Tensor> stack_train(const std::string& cell, const at::Tensor& x,
+                                    const at::Tensor& batch_sizes, at::TensorList h0,
+                                    const c10::List<c10::optional<at::Tensor>>& c0,
+                                    const c10::List<c10::optional<at::Tensor>>& weights,
+                                    bool bidirectional, at::TensorList masks);
+std::vector<at::Tensor> stack_train_no_autograd(
+    const std::string& cell, const at::Tensor& x, const at::Tensor& batch_sizes,
+    at::TensorList h0, const c10::List<c10::optional<at::Tensor>>& c0,
+    const c10::List<c10::optional<at::Tensor>>& weights, bool bidirectional,
+    at::TensorList masks);
+
 // The cells the kernels were built for (csrc/cells/cells.h), and one cell's traits as
 // {gates, states, reads h_prev, split hidden grad, saved per hidden unit}: the Python registry
 // (fusedrnn/cells.py) is checked against them.

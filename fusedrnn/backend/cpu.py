@@ -139,8 +139,9 @@ def _stack_forward(*args):
 
 
 def _stack_inputs(count, tensors):
-    """``(h0s, c0s, weights)`` from ``_Stack``'s flat tensor arguments: ``count`` h0, ``count``
-    c0 (None for a cell without c), then five weights per layer and direction."""
+    """``(h0s, c0s, weights)`` from ``_reference_stack``'s flat tensor arguments (flat, so that
+    torch.func differentiates each): ``count`` h0, ``count`` c0 (None for a cell without c),
+    then five weights per layer and direction."""
     return list(tensors[:count]), list(tensors[count:2 * count]), list(tensors[2 * count:])
 
 
@@ -172,52 +173,21 @@ def _reference_stack(cell_name, bidirectional, count, masks, x, batch_sizes, *te
     return x, torch.stack(h_n), (torch.stack(c_n) if c0s[0] is not None else None)
 
 
-class _Stack(torch.autograd.Function):
-    """A whole stack in training: one op call forward (``stack_forward``, saving what backward
-    reads) and one backward (``stack_backward``), with no Python or autograd node between the
-    layers. Arguments: ``(cell_name, bidirectional, count, masks, x, batch_sizes, *h0s, *c0s,
-    *weights)``, ``count`` layers times directions, ``masks`` the dropout masks between the
-    layers (a list, empty without dropout). A backward that must be differentiable is the
-    reference's vjp (backend/transforms.py)."""
+def _stack_train(*args):
+    """torch.ops.fusedrnn.stack_train: the training stack, its autograd node in C++
+    (csrc/cpu/stack_autograd.cpp); one name for tests to watch."""
+    return torch.ops.fusedrnn.stack_train(*args)
 
-    @staticmethod
-    def forward(ctx, cell_name, bidirectional, count, masks, x, batch_sizes, *tensors):
-        h0s, c0s, weights = _stack_inputs(count, tensors)
-        y, h_n, c_n, *saved = _stack_forward(cell_name, x, batch_sizes, h0s, c0s, weights,
-                                             bidirectional, True, masks)
-        ctx.set_materialize_grads(False)
-        ctx.cell_name, ctx.bidirectional, ctx.count = cell_name, bidirectional, count
-        ctx.masks = len(masks)
-        ctx.save_for_backward(x, batch_sizes, *tensors, *masks, *saved)
-        return y, h_n, c_n
 
-    @staticmethod
-    def backward(ctx, grad_y, grad_hn, grad_cn):
-        x, batch_sizes, *rest = ctx.saved_tensors
-        count = ctx.count
-        tensors, masks = rest[:7 * count], rest[7 * count:7 * count + ctx.masks]
-        saved = rest[7 * count + ctx.masks:]
-        has_c = tensors[count] is not None
-        if needs_differentiable_backward((grad_y, grad_hn, grad_cn)):
-            inputs = (ctx.cell_name, ctx.bidirectional, count, masks, x, batch_sizes, *tensors)
-            return tuple(differentiable_vjp(_reference_stack, inputs,
-                                            (grad_y, grad_hn, grad_cn if has_c else None)))
-        _, _, weights = _stack_inputs(count, tensors)
-        need = ctx.needs_input_grad
-        h0 = tensors[0]
-        if grad_y is None:
-            grad_y = x.new_zeros(x.shape[0], (2 if ctx.bidirectional else 1) * h0.shape[1])
-        if grad_hn is None:
-            grad_hn = h0.new_zeros(count, *h0.shape)
-        dx, dh0, dc0, *dweights = torch.ops.fusedrnn.stack_backward(
-            ctx.cell_name, batch_sizes, x, weights, ctx.bidirectional, saved,
-            grad_y.contiguous(), grad_hn.contiguous(), grad_cn if has_c else None, need[4], masks)
-        flags = need[6:]
-        grads = [dh0[k] for k in range(count)] + \
-                ([dc0[k] for k in range(count)] if has_c else [None] * count) + dweights
-        return (None, None, None, None, dx if need[4] else None, None,
-                *[g if flag and t is not None else None
-                  for g, flag, t in zip(grads, flags, tensors)])
+def _stack_backward_reference(cell_name, bidirectional, masks, x, batch_sizes, h0s, c0s,
+                              weights, grad_y, grad_hn, grad_cn):
+    """stack_train's backward where it must be differentiable (create_graph, batched grads):
+    the vjp of ``_reference_stack``, one gradient per x, h0s, c0s and weights, an empty
+    tensor where there is none."""
+    count = len(h0s)
+    inputs = (cell_name, bidirectional, count, masks, x, batch_sizes, *h0s, *c0s, *weights)
+    grads = differentiable_vjp(_reference_stack, inputs, (grad_y, grad_hn, grad_cn))
+    return [x.new_empty(0) if g is None else g for g in [grads[4], *grads[6:]]]
 
 
 def release_cached_buffers() -> int:
@@ -272,6 +242,11 @@ def _register_fake_kernels():
                 h0[0].new_empty(len(h0), B, H) if CELLS[cell].has_cell_state
                 else x.new_empty(0), *saved]
 
+    @torch.library.register_fake("fusedrnn::stack_train")
+    def _stack_train_fake(cell, x, batch_sizes, h0, c0, weights, bidirectional, masks):
+        return _stack_forward_fake(cell, x, batch_sizes, h0, c0, weights, bidirectional, False,
+                                   masks)[:3]
+
     @torch.library.register_fake("fusedrnn::stack_backward")
     def _stack_backward_fake(cell, batch_sizes, x, weights, bidirectional, saved, grad_y,
                              grad_hn, grad_cn, need_dx, masks):
@@ -297,6 +272,10 @@ def _register_fake_kernels():
 
 if _IMPORT_ERROR is None:
     _register_fake_kernels()
+    # ("Batched": autograd's own batched gradients, which would otherwise take the legacy
+    # vmap fallback, which has no rule for a list-returning op; the function runs on them)
+    for key in ("CompositeImplicitAutograd", "Batched"):
+        torch.library.impl("fusedrnn::stack_backward_reference", key)(_stack_backward_reference)
 
 
 @functools.lru_cache(maxsize=None)
@@ -339,8 +318,9 @@ class CpuBackend(Backend):
     def stack(self, x, layers, dropout=0.0):
         """Float32 or float64: the whole stack in one op call, ``stack_forward``, which runs
         the same C++ as ``layer`` without the Python between the layers (on a 2-layer LSTM of
-        64 units that was ~0.1 ms of a 1.3 ms forward); in training ``_Stack``, whose backward
-        is one call too. Dropout between the layers runs inside the call, on masks drawn here
+        64 units that was ~0.1 ms of a 1.3 ms forward); in training ``stack_train``, the same
+        with its autograd node in C++ (a Python autograd.Function cost ~0.1 ms per step on a
+        batch-1 LSTM). Dropout between the layers runs inside the call, on masks drawn here
         as F.dropout draws them. bfloat16 and torch.func run layer by layer."""
         if x.dtype == torch.bfloat16 or under_transform():
             return super().stack(x, layers, dropout)
@@ -354,8 +334,8 @@ class CpuBackend(Backend):
                                len(layers), x) if dropout else []
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                            for t in [x, *h0s, *c0s, *weights]):
-            y, h_n, c_n = _Stack.apply(cell_name, bidirectional, len(flat), masks, x,
-                                       flat[0].batch_sizes, *h0s, *c0s, *weights)
+            y, h_n, c_n = _stack_train(cell_name, x, flat[0].batch_sizes, h0s, c0s, weights,
+                                       bidirectional, masks)
         else:
             y, h_n, c_n = _stack_forward(cell_name, x, flat[0].batch_sizes, h0s, c0s, weights,
                                          bidirectional, False, masks)
