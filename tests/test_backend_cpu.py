@@ -584,6 +584,44 @@ def test_bfloat16_runs_its_step_gemms_in_bfloat16(rng, monkeypatch):
     assert (y.float() - y_wide.float()).abs().max() < 2e-2
 
 
+@pytest.mark.parametrize("kind", ["LSTM-proj", "GRU", "RNN-relu"])
+def test_bfloat16_inference_runs_the_stack_op(rng, monkeypatch, kind):
+    """A bfloat16 module in inference runs in one stack_forward call whose results equal the
+    layers run one by one bit for bit (bf16 projections, float32 states, each layer's output
+    rounded to bf16); its training still runs layer by layer, and the op refuses train with
+    bf16 (its backward has no bf16 path)."""
+    mode, _, extra = kind.partition("-")
+    kwargs = dict(num_layers=rng.randint(2, 3), bidirectional=rng.random() < 0.7,
+                  **{"proj": dict(proj_size=3), "relu": dict(nonlinearity="relu"),
+                     "": {}}[extra])
+    model = getattr(fusedrnn, mode)(6, rng.choice(HIDDEN), backend="cpu", **kwargs).bfloat16()
+    seqs = [(torch.randn(rng.randint(1, 6), 6) * 0.5).bfloat16() for _ in range(5)]
+    inputs = (pack_sequence(seqs, enforce_sorted=False), torch.randn(4, 3, 6).bfloat16())
+    cpu = fusedrnn.backend.cpu
+    calls = []
+    real = cpu._stack_forward
+    monkeypatch.setattr(cpu, "_stack_forward", lambda *a: calls.append(a[1].dtype) or real(*a))
+    results = []
+    for one_call in (True, False):
+        if not one_call:
+            monkeypatch.setattr(cpu.CpuBackend, "stack", fusedrnn.backend.base.Backend.stack)
+        for x in inputs:
+            with torch.no_grad():
+                y, h = model(x)
+            results.append([y.data if isinstance(y, nn.utils.rnn.PackedSequence) else y,
+                            *(h if isinstance(h, tuple) else (h,))])
+    assert calls == [torch.bfloat16, torch.bfloat16]
+    for i, (a, b) in enumerate(zip(results[0] + results[1], results[2] + results[3])):
+        assert a.dtype == b.dtype == torch.bfloat16
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m: f"tensor {i}: {m}")
+    with pytest.raises(RuntimeError, match="inference only"):
+        x = torch.randn(4 * 3, 6).bfloat16()
+        w = [t.detach() for t in model._flat_weights]
+        real(CELLS[mode.lower() if mode != "RNN" else "rnn_relu"].name, x,
+             torch.full((4,), 3, dtype=torch.int64), [torch.zeros(3, 1).bfloat16()],
+             [None], w[:4] + [None], False, True, [])
+
+
 def test_bfloat16_without_onednn_widens_the_weights(rng, monkeypatch):
     """With oneDNN off (or forced mkl) a bfloat16 module's step GEMMs run in float32 on the
     widened weights: still within 3e-2 normwise of float64."""
@@ -621,8 +659,9 @@ def test_degenerate_shapes_under_every_gemm_route(gemm_route, w_dtype, shape):
 
 @pytest.mark.parametrize("cell_name", ["lstm", "gru"])
 def test_fake_kernels_match_the_ops_with_bf16_weights(rng, cell_name):
-    """A bfloat16 module's calls (float32 tensors, bf16 w_hh): the fake kernels give the real
-    ops' dtypes (float32 gradients from a bf16 w_hh), so a compiled bf16 model is traced right."""
+    """A bfloat16 module's calls (float32 tensors, bf16 w_hh; the stack op's bf16 inference):
+    the fake kernels give the real ops' dtypes (float32 gradients from a bf16 w_hh), so a
+    compiled bf16 model is traced right."""
     cell = CELLS[cell_name]
     args = {k: v.detach().float() if isinstance(v, torch.Tensor) and v.is_floating_point()
             else v for k, v in sequence_inputs(cell, random_batch_sizes(rng, 4, 3, packed=True),
@@ -637,6 +676,14 @@ def test_fake_kernels_match_the_ops_with_bf16_weights(rng, cell_name):
     torch.library.opcheck(ops.sequence_backward, (
         cell_name, args["batch_sizes"], w_hh, None, False, saved, torch.randn_like(y),
         torch.randn_like(h_n), torch.randn_like(c_n) if cell.has_cell_state else None),
+        test_utils=checks)
+    # a bfloat16 module's inference through the stack op: bf16 in, bf16 out
+    H, rows, low = args["h0"].shape[1], args["xp"].shape[0], torch.bfloat16
+    weights = [torch.randn(cell.gates * H, 5).to(low), w_hh, None,
+               args["b_hh"].to(low), None]
+    torch.library.opcheck(ops.stack_forward, (
+        cell_name, torch.randn(rows, 5).to(low), args["batch_sizes"], [args["h0"].to(low)],
+        [args["c0"].to(low) if cell.has_cell_state else None], weights, False, False, []),
         test_utils=checks)
 
 

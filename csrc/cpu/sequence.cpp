@@ -1346,6 +1346,14 @@ std::vector<Tensor> stack_forward(const std::string& cell, const Tensor& x,
   TORCH_CHECK(static_cast<int64_t>(c0.size()) == count, op, ": one c0 (or None) per h0, got ",
               c0.size(), " for ", count);
   check_masks(op, masks, count / directions, x);
+  // bfloat16 (inference): what backend/cpu.py's _forward does per layer, here for the whole
+  // stack: bf16 projections, the kernels on float32 states and biases and the bf16 w_hh, each
+  // layer's output rounded to bf16 before the next layer reads it.
+  const bool low = x.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(!(low && train), op, ": bfloat16 runs in inference only (train false); its "
+              "training runs layer by layer");
+  const auto widened = [&](const Tensor& t) { return low && t.defined() ? t.to(at::kFloat) : t; };
+  const auto rounded = [&](const Tensor& t) { return low ? t.to(at::kBFloat16) : t; };
   auto weight = [&](int64_t k, int64_t i) { return given(weights.get(5 * k + i)); };
   Tensor input = x;
   std::vector<Tensor> h_n, c_n, saved, inputs;
@@ -1360,9 +1368,10 @@ std::vector<Tensor> stack_forward(const std::string& cell, const Tensor& x,
       TORCH_CHECK(w_ih.defined(), op, ": w_ih of layer ", layer, " is required");
       const Tensor xp = mm_rows(input, w_ih.t());
       std::vector<Tensor> out = run_sequence_forward(
-          cell, xp, batch_sizes, h0[k], c0.get(k), weight(k, 1), weight(k, 2), weight(k, 3),
-          weight(k, 4), direction == 1, train, /*xp_scratch=*/true);
-      outputs.push_back(out[0]);
+          cell, xp, batch_sizes, widened(h0[k]), widened(given(c0.get(k))), weight(k, 1),
+          widened(weight(k, 2)), widened(weight(k, 3)), widened(weight(k, 4)), direction == 1,
+          train, /*xp_scratch=*/true);
+      outputs.push_back(rounded(out[0]));
       h_n.push_back(out[1]);
       c_n.push_back(out[2]);
       if (train) saved.insert(saved.end(), out.begin() + 3, out.end());
@@ -1370,8 +1379,9 @@ std::vector<Tensor> stack_forward(const std::string& cell, const Tensor& x,
     input = directions == 1 ? outputs[0] : at::cat(outputs, 1);
   }
   // (sequence_forward required c0 of a cell with c, and refused it for the others)
-  std::vector<Tensor> result{input, at::stack(h_n),
-                             c0.get(0).has_value() ? at::stack(c_n) : at::empty({0}, x.options())};
+  std::vector<Tensor> result{input, rounded(at::stack(h_n)),
+                             c0.get(0).has_value() ? rounded(at::stack(c_n))
+                                                   : at::empty({0}, x.options())};
   result.insert(result.end(), saved.begin(), saved.end());
   result.insert(result.end(), inputs.begin(), inputs.end());
   return result;
