@@ -316,6 +316,44 @@ def test_stack_op_runs_a_module_in_one_call(rng, monkeypatch, kind, dtype):
         assert_close(a, b, dtype, f"{kind} dropout tensor {i}")
 
 
+@pytest.mark.parametrize("tool", ["saved-tensor hooks", "checkpoint", "reentrant checkpoint"])
+def test_training_node_works_with_autograd_tools(rng, tool):
+    """stack_train's C++ node saves through autograd's SavedVariable: saved-tensor hooks see
+    its tensors, activation checkpointing (both kinds) recomputes through it, and a weight
+    changed in place after the forward is autograd's RuntimeError at backward. Gradients
+    match torch.nn in float64."""
+    kwargs = dict(num_layers=2, bidirectional=rng.random() < 0.5)
+    ref = nn.LSTM(5, 7, **kwargs).double()
+    fused = fusedrnn.LSTM(5, 7, backend="cpu", **kwargs).double()
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(6, 3, 5, dtype=torch.float64, requires_grad=True)
+    packed = []  # what the hook saw of the fused module's saves
+    results = []
+    for m in (fused, ref):
+        x.grad = None
+        m.zero_grad()
+        run = lambda inp: m(inp)[0]  # noqa: E731
+        if tool == "saved-tensor hooks":
+            with torch.autograd.graph.saved_tensors_hooks(
+                    lambda t: (m is fused and packed.append(t.shape)) or t.clone(),
+                    lambda t: t):
+                y = run(x)
+        else:
+            y = torch.utils.checkpoint.checkpoint(run, x,
+                                                  use_reentrant=tool == "reentrant checkpoint")
+        (y * y).sum().backward()
+        results.append([x.grad.clone(), *[p.grad.clone() for p in m.parameters()]])
+    for i, (a, b) in enumerate(zip(*results)):
+        assert_close(a, b, torch.float64, f"{tool} gradient {i}")
+    if tool == "saved-tensor hooks":
+        assert len(packed) > 10  # x, the states, the weights, each layer's activations
+    y = fused(x)[0]
+    with torch.no_grad():
+        fused.weight_hh_l0.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
 def test_torch_compile_fullgraph(rng, kind):
     """A whole model compiles into one graph (no break at the layers) and gives eager mode's
