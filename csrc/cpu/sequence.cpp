@@ -922,13 +922,15 @@ struct Kernel {
   // One step's pointwise backward on `n` consecutive rows (pointers at the first row). dh of
   // each row is dh_state + dy (kProj: dy is the gradient already projected back through W_hr).
   // Writes d(xg), d(hg) and the state gradients, and adds the column sums of d(xg), d(hg)
-  // (the bias gradients) to the block's dbx / dbh while the rows are still in cache.
+  // (the bias gradients) to the block's dbx / dbh while the rows are still in cache, in
+  // double: a float32 running sum over a block's rows (every step) drifted past 1e-5 of
+  // float64 on a bias entry that cancels, where torch's own float32 reduction did not.
   template <bool kProj>
   static void pointwise_backward(int64_t n, int64_t H, const T* save, const T* h_prev,
                                  const T* c_prev, const T* dy, T* dh_state, T* dc_state, T* dxg,
-                                 T* dhg, T* dbx_blk, T* dbh_blk) {
-    T* __restrict__ dbx = dbx_blk;
-    T* __restrict__ dbh = dbh_blk;
+                                 T* dhg, double* dbx_blk, double* dbh_blk) {
+    double* __restrict__ dbx = dbx_blk;
+    double* __restrict__ dbh = dbh_blk;
     for (int64_t b = 0; b < n; ++b) {
       const T* __restrict__ sr = save + b * S * H;
       const T* __restrict__ cp = Cell::kCellState ? c_prev + b * H : nullptr;
@@ -957,10 +959,10 @@ struct Kernel {
         }
       }
 #pragma omp simd
-      for (int64_t k = 0; k < G * H; ++k) dbx[k] += dxr[k];
+      for (int64_t k = 0; k < G * H; ++k) dbx[k] += static_cast<double>(dxr[k]);
       if constexpr (Cell::kSplitHiddenGrad) {
 #pragma omp simd
-        for (int64_t k = 0; k < G * H; ++k) dbh[k] += dhr[k];
+        for (int64_t k = 0; k < G * H; ++k) dbh[k] += static_cast<double>(dhr[k]);
       }
     }
   }
@@ -984,7 +986,7 @@ struct Kernel {
     const std::vector<Block> blocks = row_blocks(steps);
     // Per-block partial bias gradients, summed after the loop.
     const int64_t nblocks = static_cast<int64_t>(blocks.size());
-    Tensor dbx_part = at::zeros({nblocks, G * H}, opts);
+    Tensor dbx_part = at::zeros({nblocks, G * H}, opts.dtype(at::kDouble));
     Tensor dbh_part = Cell::kSplitHiddenGrad ? at::zeros_like(dbx_part) : dbx_part;
     const auto rows_range = block_rows(blocks);
     // The step GEMMs d(hg) W_hh: MKL (packed W_hh) or oneDNN's brgemm in column panels of
@@ -1001,8 +1003,8 @@ struct Kernel {
     for_each_block(blocks, 2 * B * Hout * G * H, [&](const Block& blk) {
       c10::NoGradGuard no_grad;
       const int64_t r0 = blk.begin;
-      T* dbx = ptr<T>(dbx_part) + blk.index * G * H;
-      T* dbh = ptr<T>(dbh_part) + blk.index * G * H;
+      double* dbx = ptr<double>(dbx_part) + blk.index * G * H;
+      double* dbh = ptr<double>(dbh_part) + blk.index * G * H;
       for (int64_t k = steps.count() - 1; k >= 0; --k) {
         const int64_t t = steps.visit(k, reverse), n = steps.size[t];
         if (n <= r0) continue;
@@ -1041,10 +1043,10 @@ struct Kernel {
     // operands for a bfloat16 module: its gradient is rounded to bf16 anyway).
     Tensor dw_hh = bf16 ? at::mm(dhg.to(at::kBFloat16).t(), h_prev.to(at::kBFloat16)).to(at::kFloat)
                         : mm_tn(dhg, h_prev);
-    Tensor db_ih = dbx_part.sum(0);
+    Tensor db_ih = dbx_part.sum(0).to(opts.dtype());
     // One bias gradient serves both biases when d(hg) = d(xg); a copy, so that no two outputs
     // of the op alias (torch.compile assumes they do not).
-    Tensor db_hh = Cell::kSplitHiddenGrad ? dbh_part.sum(0) : db_ih.clone();
+    Tensor db_hh = Cell::kSplitHiddenGrad ? dbh_part.sum(0).to(opts.dtype()) : db_ih.clone();
     Tensor dw_hr = proj ? mm_tn(dh_total, proj_in) : at::empty({0}, opts);
     return {dxg, dh_state, dc_state, dw_hh, db_hh, dw_hr, db_ih};
   }
