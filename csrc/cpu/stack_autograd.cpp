@@ -6,6 +6,8 @@
 // The backward calls stack_backward; where it must be differentiable (create_graph, grads
 // batched by autograd or a torch.func transform) it calls stack_backward_reference instead,
 // the vjp of the reference stack, defined in Python (fusedrnn/backend/cpu.py).
+#include <algorithm>
+
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/zeros.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
