@@ -7,8 +7,9 @@ Where things are (``dispatch._REGISTRY`` is the one list of backends, ``cells.CE
   interface and LayerArgs)
 - cells.py: the cell registry, each cell's traits and its math in torch (and names its Triton
   math); backend/reference.py: the oracle, a torch time loop over it
-- backend/cpu.py -> csrc/cpu/sequence.cpp (loops), csrc/cells/cells.h (the C++/CUDA cell list
-  and traits; cell math in csrc/cells/*.h), csrc/cpu/buffer_cache.h (the loops' buffers)
+- backend/cpu.py -> csrc/cpu/sequence.cpp (loops), csrc/cpu/stack_autograd.cpp (the training
+  stack's autograd node), csrc/cells/cells.h (the C++/CUDA cell list and traits; cell math in
+  csrc/cells/*.h), csrc/cpu/buffer_cache.h (the loops' buffers)
 - backend/triton.py -> kernels/pointwise.py, kernels/persistent.py (generic kernels;
   kernels/cells.py: cell math)
 - backend/cuda.py -> csrc/cuda/kernels.h (CUDA C++ kernels over csrc/cells; built and called by
