@@ -60,7 +60,8 @@ def plot_runs(run_dirs: List[Path], curve: str, metric: str, out: Path,
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(matplotlib.ticker.StrMethodFormatter("{x:g}"))
         ax.yaxis.set_minor_formatter(matplotlib.ticker.StrMethodFormatter("{x:g}"))
-    ax.set(xlabel="epoch" if by_epoch else "step", ylabel=f"{curve} {metric}", title=title or f"{curve} {metric}")
+    ax.set(xlabel="epoch" if by_epoch else "step", ylabel=f"{curve} {metric}",
+           title=title or f"{curve} {metric}")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -45,9 +45,9 @@ std::vector<at::Tensor> stack_forward(const std::string& cell, const at::Tensor&
 
 // The whole stack's backward from stack_forward's saved tensors, layer by layer downwards:
 // grad_y [rows, D * Hout] is the last layer's output gradient, grad_hn [L * D, B, Hout] and
-// grad_cn [L * D, B, H] (None: zero) the final states'. Returns {d_x (empty unless need_dx), d_h0 [L * D, B, Hout], d_c0 (empty
-// without c), then per layer and direction d_w_ih, d_w_hh, d_b_ih, d_b_hh, d_w_hr (empty where
-// the weight is absent)}. `masks`: stack_forward's.
+// grad_cn [L * D, B, H] (None: zero) the final states'. Returns {d_x (empty unless need_dx),
+// d_h0 [L * D, B, Hout], d_c0 (empty without c), then per layer and direction d_w_ih, d_w_hh,
+// d_b_ih, d_b_hh, d_w_hr (empty where the weight is absent)}. `masks`: stack_forward's.
 std::vector<at::Tensor> stack_backward(const std::string& cell, const at::Tensor& batch_sizes,
                                        const at::Tensor& x,
                                        const c10::List<c10::optional<at::Tensor>>& weights,
