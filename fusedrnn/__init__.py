@@ -2,9 +2,9 @@
 
 Where things are (``dispatch._REGISTRY`` is the one list of backends, ``cells.CELLS`` of cells):
 
-- modules.py -> functional.rnn_stack(x, [[LayerArgs]]) (cells: rnn_layer) -> dispatch.select
-  (once per layer spec) -> a backend's ``stack``/``layer``/``sequence`` (backend/base.py: the
-  interface and LayerArgs)
+- modules.py -> functional.rnn_stack(x, StackArgs) (cells: rnn_layer(x, LayerArgs)) ->
+  dispatch.select (once per layer spec) -> a backend's ``stack``/``layer``/``sequence``
+  (backend/base.py: the interface, StackArgs and LayerArgs)
 - cells.py: the cell registry, each cell's traits and its math in torch (and names its Triton
   math); backend/reference.py: the oracle, a torch time loop over it
 - backend/cpu.py -> csrc/cpu/sequence.cpp (loops), csrc/cpu/stack_autograd.cpp (the training

@@ -2,12 +2,10 @@
 modules and anyone composing layers by hand)."""
 from __future__ import annotations
 
-from typing import Sequence
-
 from torch import Tensor
 
 from . import dispatch
-from .backend.base import LayerArgs
+from .backend.base import LayerArgs, StackArgs
 
 
 def rnn_layer(x: Tensor, args: LayerArgs, backend: str = "auto"):
@@ -20,10 +18,9 @@ def rnn_layer(x: Tensor, args: LayerArgs, backend: str = "auto"):
     return dispatch.select(backend, args.spec(x)).layer(x, args)
 
 
-def rnn_stack(x: Tensor, layers: Sequence[Sequence[LayerArgs]], backend: str = "auto",
-              dropout: float = 0.0):
-    """Every layer and direction of a module (``layers[l][d]``) from its input rows ``x``,
-    dropout with probability ``dropout`` (training) after each layer but the last: ``(y, h_n
-    [L*D, B, Hout], c_n or None)``. Every layer of a module has one spec (cell, hidden and
-    projection sizes, dtype, device), so one backend runs them all (``Backend.stack``)."""
-    return dispatch.select(backend, layers[0][0].spec(x)).stack(x, layers, dropout)
+def rnn_stack(x: Tensor, stack: StackArgs, backend: str = "auto", dropout: float = 0.0):
+    """Every layer and direction of a module (``stack``) from its input rows ``x``, dropout
+    with probability ``dropout`` (training) after each layer but the last: ``(y, h_n [L*D, B,
+    Hout], c_n or None)``. Every layer of a module has one spec (cell, hidden and projection
+    sizes, dtype, device), so one backend runs them all (``Backend.stack``)."""
+    return dispatch.select(backend, stack.spec(x)).stack(x, stack, dropout)

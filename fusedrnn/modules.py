@@ -9,15 +9,17 @@ cells: ``functional.rnn_layer``).
 from __future__ import annotations
 
 import contextlib
-from typing import List, NamedTuple, Optional
+import functools
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
 from torch import Tensor
+from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 
 from . import dispatch
-from .backend.base import LayerArgs, LayerSpec
+from .backend.base import LayerArgs, LayerSpec, StackArgs
 from .cells import Cell, cell_for_mode
 from .functional import rnn_layer, rnn_stack
 
@@ -71,6 +73,15 @@ def _step_counts(batch_sizes: Tensor, rows: int, makes_zero_state: bool,
     if total > rows:
         raise RuntimeError(f"batch_sizes sum to {total} but the packed data has {rows} rows")
     return counts
+
+
+@functools.lru_cache(maxsize=None)
+def _weight_names(num_layers: int, bidirectional: bool) -> Tuple[str, ...]:
+    """torch.nn's names of a module's weights, five per layer and direction in torch.nn's
+    order (``weight_hr`` and the biases whether or not the module has them)."""
+    return tuple(f"{kind}_l{layer}{suffix}" for layer in range(num_layers)
+                 for suffix in (("", "_reverse") if bidirectional else ("",))
+                 for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"))
 
 
 def _cpu_autocast_dtype(mode: str, x: Tensor, proj_size: int = 0, packed: bool = False,
@@ -130,15 +141,15 @@ class _FusedRNNMixin(_BackendArg):
     def _cell(self) -> Cell:
         return cell_for_mode(self.mode)
 
-    def _layer_args(self, layer: int, direction: int, batch_sizes: Tensor, h0: Tensor,
-                    c0: Optional[Tensor], dtype: Optional[torch.dtype]) -> LayerArgs:
-        """One layer and direction's arguments; ``dtype``: the weights cast (CPU autocast)."""
-        sfx = f"_l{layer}" + ("_reverse" if direction else "")
-        params = self._parameters  # (nn.Module.__getattr__ per weight costs more than the layer)
-        return LayerArgs(self._cell(), batch_sizes, h0, c0,
-                         *[_lowered(params.get(name + sfx), dtype) for name in
-                           ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")],
-                         reverse=direction == 1)
+    def _weights(self, dtype: Optional[torch.dtype]) -> List[Optional[Tensor]]:
+        """Five weights per layer and direction (``StackArgs.weights``), None where the module
+        has none, cast to ``dtype`` if given (CPU autocast). Read as torch.nn reads them: a
+        weight that is not a plain Parameter (``torch.nn.utils.parametrize``, the hook-based
+        ``weight_norm``) is looked up as an attribute, which computes it."""
+        params = self._parameters  # (nn.Module.__getattr__ per weight costs more than this)
+        weights = [params[name] if name in params else getattr(self, name, None)
+                   for name in _weight_names(self.num_layers, self.bidirectional)]
+        return weights if dtype is None else [_lowered(w, dtype) for w in weights]
 
     def forward(self, input, hx=None):
         rows, batch_sizes, layout = self._time_major_rows(input, hx is None)
@@ -234,19 +245,13 @@ class _FusedRNNMixin(_BackendArg):
         ``dtype`` if given; returns the last layer's rows and ``[h_n]`` or ``[h_n, c_n]``."""
         if batch_sizes.numel() == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
-        directions = 2 if self.bidirectional else 1
-        h_all = states[0]
-        c_all = states[1] if len(states) == 2 else None
-        def args(layer, direction):
-            k = layer * directions + direction  # torch.nn's order of the states
-            return self._layer_args(layer, direction, batch_sizes, h_all[k],
-                                    c_all[k] if c_all is not None else None, dtype)
-
-        layers = [[args(layer, direction) for direction in range(directions)]
-                  for layer in range(self.num_layers)]
+        h0s = states[0].unbind(0)  # torch.nn's order: k = layer * directions + direction
+        c0s = states[1].unbind(0) if len(states) == 2 else (None,) * len(h0s)
+        stack = StackArgs(self._cell(), batch_sizes, h0s, c0s, self._weights(dtype),
+                          self.bidirectional)
         dropout = self.dropout if self.training and self.num_layers > 1 else 0.0
-        y, h_n, c_n = rnn_stack(x.reshape(-1, x.shape[-1]), layers, self.backend, dropout)
-        return y, [h_n] + ([c_n] if c_all is not None else [])
+        y, h_n, c_n = rnn_stack(x.reshape(-1, x.shape[-1]), stack, self.backend, dropout)
+        return y, [h_n] + ([c_n] if len(states) == 2 else [])
 
     def _in_callers_layout(self, output, hidden, layout):
         hidden = tuple(hidden) if self.mode == "LSTM" else hidden[0]
@@ -383,9 +388,24 @@ _FUSED_FOR = {nn.LSTM: LSTM, nn.GRU: GRU, nn.RNN: RNN,
               nn.LSTMCell: LSTMCell, nn.GRUCell: GRUCell, nn.RNNCell: RNNCell}
 
 
+def _fused_class(module: nn.Module) -> type:
+    """The fusedrnn class for a torch.nn recurrent module. A parametrized one
+    (``torch.nn.utils.parametrize``: orthogonal, weight_norm, ...) has a class of parametrize's
+    making over torch.nn's, whose properties compute the weights; its twin gets the same class
+    body over the fusedrnn class."""
+    fused = _FUSED_FOR[parametrize.type_before_parametrizations(module)]
+    if not parametrize.is_parametrized(module):
+        return fused
+    body = {k: v for k, v in vars(type(module)).items()
+            if k not in ("__module__", "__doc__", "__dict__", "__weakref__")}
+    return type(f"Parametrized{fused.__name__}", (fused,), body)
+
+
 def _fused_copy(module: nn.Module, backend: str) -> nn.Module:
-    """The fused twin of a torch.nn module, sharing its very Parameters (optimizers keep working)."""
-    fused = _FUSED_FOR[type(module)].__new__(_FUSED_FOR[type(module)])
+    """The fused twin of a torch.nn module, sharing its very Parameters (optimizers keep
+    working) and parametrizations."""
+    cls = _fused_class(module)
+    fused = cls.__new__(cls)
     # own containers (parameter dict, hooks, flat-weight list), the same Parameter objects
     fused.__dict__.update({k: v.copy() if isinstance(v, (dict, list)) else v
                            for k, v in module.__dict__.items()})
@@ -405,7 +425,7 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
 
 def _convert(model: nn.Module, backend: str, done: dict) -> nn.Module:
     if id(model) not in done:
-        if type(model) in _FUSED_FOR:
+        if parametrize.type_before_parametrizations(model) in _FUSED_FOR:
             done[id(model)] = _fused_copy(model, backend)
         else:
             done[id(model)] = model

@@ -261,6 +261,44 @@ def test_convert_keeps_a_shared_module_shared():
     assert list(converted.state_dict()) == list(model.state_dict())
 
 
+def _parametrize(module, how):
+    """One weight of ``module`` parametrized the ways torch.nn offers."""
+    if how == "hooks_weight_norm":  # the deprecated hook-based one, still used
+        with pytest.warns(FutureWarning):
+            nn.utils.weight_norm(module, "weight_hh_l1")
+    else:
+        getattr(nn.utils.parametrizations, how)(module, "weight_hh_l0")
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+@pytest.mark.parametrize("how", ["orthogonal", "weight_norm", "spectral_norm",
+                                 "hooks_weight_norm"])
+def test_parametrized_weights(rng, cell, how):
+    """A parametrized weight is not a Parameter of the module: it is computed on access (and
+    once raised AttributeError here). Values and every gradient equal torch.nn's, also after
+    convert, which keeps the parametrization (and its Parameters) shared."""
+    ref, fused = make_pair(cell, 2, False, False, True, 0, torch.float64)
+    for module in (ref, fused):
+        _parametrize(module, how)
+    fused.load_state_dict(ref.state_dict())
+    converted = fusedrnn.convert(ref)  # (torch cannot deepcopy a hook-based weight_norm)
+    assert isinstance(converted, MODULES[cell][1])
+    if how != "hooks_weight_norm":
+        assert nn.utils.parametrize.is_parametrized(converted, "weight_hh_l0")
+    x = torch.randn(rng.randint(2, 5), 3, 5, dtype=torch.float64)
+    for module in (ref, fused, converted):
+        module.eval()  # (spectral_norm's power iteration then stays put)
+    outputs = []
+    for module in (ref, fused, converted):
+        y, _ = module(x)
+        grads = torch.autograd.grad(y.pow(2).sum(), list(module.parameters()))
+        outputs.append((y, grads))
+    for y, grads in outputs[1:]:
+        assert_close(y, outputs[0][0], torch.float64)
+        for got, want in zip(grads, outputs[0][1]):
+            assert_close(got, want, torch.float64)
+
+
 # --- bad input: the same error types torch.nn raises ---
 
 def _both(cell):

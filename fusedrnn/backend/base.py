@@ -81,6 +81,34 @@ class LayerArgs(NamedTuple):
                          frozenset(self.masks) if self.masks else _NO_NAMES)
 
 
+class StackArgs(NamedTuple):
+    """Every layer and direction of a module at once, as ``functional.rnn_stack`` hands it to a
+    backend: flat, in torch.nn's order (``k = layer * directions + direction``), so that a
+    backend running the whole stack in one call passes the lists on as they are, and only the
+    layer-by-layer path builds a ``LayerArgs`` per layer.
+
+    h0s, c0s:    per k, as LayerArgs' h0 and c0 (c0s' entries None for a cell without c)
+    weights:     five per k: w_ih, w_hh, b_ih, b_hh, w_hr (None where the module has none)
+    """
+    cell: Cell
+    batch_sizes: Tensor
+    h0s: Sequence[Tensor]
+    c0s: Sequence[Optional[Tensor]]
+    weights: Sequence[Optional[Tensor]]
+    bidirectional: bool
+
+    def layer(self, k: int) -> LayerArgs:
+        return LayerArgs(self.cell, self.batch_sizes, self.h0s[k], self.c0s[k],
+                         *self.weights[5 * k:5 * k + 5],
+                         reverse=self.bidirectional and k % 2 == 1)
+
+    def spec(self, x: Tensor) -> LayerSpec:
+        w_hr = self.weights[4]
+        hidden = self.weights[1].shape[0] // self.cell.gates
+        return LayerSpec(x.device, x.dtype, self.cell, hidden,
+                         w_hr.shape[0] if w_hr is not None else 0)
+
+
 class Backend:
     """One way to run a layer. Subclasses implement ``sequence``; the availability checks and
     ``layer`` have defaults they override where needed."""
@@ -114,21 +142,23 @@ class Backend:
         """
         return self.sequence(F.linear(x, args.w_ih, args.b_ih), args)
 
-    def stack(self, x: Tensor, layers: Sequence[Sequence[LayerArgs]], dropout: float = 0.0):
-        """Every layer of a module from its input rows ``x``: ``layers[l]`` holds layer l's
-        directions, each run by ``layer`` and their outputs concatenated; dropout with
-        probability ``dropout`` (training) is applied to each layer's output but the last.
-        Returns the last layer's rows, ``h_n`` ``[L * D, B, Hout]`` and ``c_n`` ``[L * D, B,
-        H]`` or None. A backend may override it to run the whole stack in one call."""
+    def stack(self, x: Tensor, stack: StackArgs, dropout: float = 0.0):
+        """Every layer of a module from its input rows ``x``: each layer's directions run by
+        ``layer`` and their outputs concatenated; dropout with probability ``dropout``
+        (training) is applied to each layer's output but the last. Returns the last layer's
+        rows, ``h_n`` ``[L * D, B, Hout]`` and ``c_n`` ``[L * D, B, H]`` or None. A backend may
+        override it to run the whole stack in one call."""
+        directions = 2 if stack.bidirectional else 1
+        layers = len(stack.h0s) // directions
         h_n, c_n = [], []
-        for index, directions in enumerate(layers):
+        for layer in range(layers):
             outputs = []
-            for args in directions:
-                y, h, c = self.layer(x, args)
+            for k in range(layer * directions, (layer + 1) * directions):
+                y, h, c = self.layer(x, stack.layer(k))
                 outputs.append(y)
                 h_n.append(h)
                 c_n.append(c)
             x = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
-            if dropout and index < len(layers) - 1:
+            if dropout and layer < layers - 1:
                 x = F.dropout(x, dropout, training=True)
         return x, torch.stack(h_n), (torch.stack(c_n) if c_n[0] is not None else None)

@@ -315,7 +315,7 @@ class CpuBackend(Backend):
         return _run(args.cell.name, x, args.batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr,
                     args.reverse)
 
-    def stack(self, x, layers, dropout=0.0):
+    def stack(self, x, stack, dropout=0.0):
         """The whole stack in one op call, ``stack_forward``, which runs the same C++ as ``layer``
         without the Python between the layers (on a 2-layer LSTM of 64 units that was ~0.1 ms
         of a 1.3 ms forward); in training ``stack_train``, the same with its autograd node in
@@ -323,26 +323,24 @@ class CpuBackend(Backend):
         between the layers runs inside the call, on masks drawn here as F.dropout draws them.
         bfloat16 in training and anything under torch.func run layer by layer."""
         if under_transform():
-            return super().stack(x, layers, dropout)
-        flat = [args for directions in layers for args in directions]
-        h0s, c0s = _contiguous(*[a.h0 for a in flat]), _contiguous(*[a.c0 for a in flat])
-        weights = _contiguous(*[t for a in flat for t in (a.w_ih, a.w_hh, a.b_ih, a.b_hh,
-                                                           a.w_hr)])
+            return super().stack(x, stack, dropout)
+        h0s, c0s, weights = (_contiguous(*stack.h0s), _contiguous(*stack.c0s),
+                             _contiguous(*stack.weights))
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in [x, *h0s, *c0s, *weights])
         if x.dtype == torch.bfloat16 and needs_grad:
-            return super().stack(x, layers, dropout)
-        cell_name, bidirectional = flat[0].cell.name, len(layers[0]) == 2
+            return super().stack(x, stack, dropout)
+        directions = 2 if stack.bidirectional else 1
         x = x.contiguous()
-        masks = _dropout_masks(dropout, x.shape[0], len(layers[0]) * h0s[0].shape[1],
-                               len(layers), x) if dropout else []
+        masks = _dropout_masks(dropout, x.shape[0], directions * h0s[0].shape[1],
+                               len(h0s) // directions, x) if dropout else []
         if needs_grad:
-            y, h_n, c_n = _stack_train(cell_name, x, flat[0].batch_sizes, h0s, c0s, weights,
-                                       bidirectional, masks)
+            y, h_n, c_n = _stack_train(stack.cell.name, x, stack.batch_sizes, h0s, c0s, weights,
+                                       stack.bidirectional, masks)
         else:
-            y, h_n, c_n = _stack_forward(cell_name, x, flat[0].batch_sizes, h0s, c0s, weights,
-                                         bidirectional, False, masks)
-        return y, h_n, (c_n if flat[0].c0 is not None else None)
+            y, h_n, c_n = _stack_forward(stack.cell.name, x, stack.batch_sizes, h0s, c0s,
+                                         weights, stack.bidirectional, False, masks)
+        return y, h_n, (c_n if c0s[0] is not None else None)
 
 
 BACKEND = CpuBackend()
