@@ -122,7 +122,10 @@ class _Layout(NamedTuple):
 
 
 class _BackendArg:
-    """The one constructor argument fusedrnn adds to torch.nn's: ``backend``."""
+    """The one constructor argument fusedrnn adds to torch.nn's, ``backend``, and TorchScript,
+    which cannot compile fusedrnn's forward nor record its ops: ``torch.jit.script`` compiles
+    the torch.nn twin and ``torch.jit.trace`` records torch.nn's forward (its ``aten`` RNN op,
+    which runs at any shape), on the same Parameters."""
 
     def __init__(self, *args, backend: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
@@ -130,6 +133,13 @@ class _BackendArg:
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", backend={self.backend!r}"
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """What torch.jit.script compiles in this module's place (torch.jit also puts it into
+        the parent module being scripted, as it does for every module with this hook)."""
+        twin = _twin(self, next(c for c in type(self).__mro__ if c in _FUSED_FOR))
+        del twin.backend
+        return twin
 
 
 class _FusedRNNMixin(_BackendArg):
@@ -152,6 +162,8 @@ class _FusedRNNMixin(_BackendArg):
         return weights if dtype is None else [_lowered(w, dtype) for w in weights]
 
     def forward(self, input, hx=None):
+        if torch.jit.is_tracing():  # (see _BackendArg)
+            return super().forward(input, hx)
         rows, batch_sizes, layout = self._time_major_rows(input, hx is None)
         states = self._initial_states(hx, rows, batch_sizes, layout)
         dtype = _cpu_autocast_dtype(self.mode, rows, self.proj_size, layout.packed is not None)
@@ -296,6 +308,8 @@ class _FusedCellMixin(_BackendArg):
     def forward(self, input: Tensor, hx=None):
         """torch.nn's checks in torch.nn's order (its C++ ones as RuntimeErrors), then a
         length-1 sequence through ``functional.rnn_layer``."""
+        if torch.jit.is_tracing():  # (see _BackendArg)
+            return super().forward(input, hx)
         name = type(self).__name__
         cell = self._cell()
         lstm = cell.has_cell_state
@@ -401,14 +415,19 @@ def _fused_class(module: nn.Module) -> type:
     return type(f"Parametrized{fused.__name__}", (fused,), body)
 
 
+def _twin(module: nn.Module, cls: type) -> nn.Module:
+    """``module`` as an instance of ``cls`` (its fused or torch.nn counterpart): its own
+    containers (parameter dict, hooks, flat-weight list), the very same Parameters (optimizers
+    keep working) and parametrizations."""
+    twin = cls.__new__(cls)
+    twin.__dict__.update({k: v.copy() if isinstance(v, (dict, list)) else v
+                          for k, v in module.__dict__.items()})
+    return twin
+
+
 def _fused_copy(module: nn.Module, backend: str) -> nn.Module:
-    """The fused twin of a torch.nn module, sharing its very Parameters (optimizers keep
-    working) and parametrizations."""
-    cls = _fused_class(module)
-    fused = cls.__new__(cls)
-    # own containers (parameter dict, hooks, flat-weight list), the same Parameter objects
-    fused.__dict__.update({k: v.copy() if isinstance(v, (dict, list)) else v
-                           for k, v in module.__dict__.items()})
+    """The fused twin of a torch.nn module."""
+    fused = _twin(module, _fused_class(module))
     fused.backend = dispatch.check_name(backend)
     return fused
 

@@ -299,6 +299,23 @@ def test_parametrized_weights(rng, cell, how):
             assert_close(got, want, torch.float64)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+def test_torchscript_trace_and_script(rng):
+    """TorchScript cannot compile fusedrnn's forward nor record its ops, so torch.jit.trace
+    records torch.nn's forward on the same weights (its aten op: the trace runs at other
+    shapes) and torch.jit.script compiles the torch.nn twin (it once failed on both)."""
+    model = Tagger().double()
+    fused = fusedrnn.convert(copy.deepcopy(model))
+    x = torch.randn(2, 6, 3, dtype=torch.float64)
+    other = torch.randn(rng.randint(1, 4), rng.randint(7, 9), 3, dtype=torch.float64)
+    traced = torch.jit.trace(fused, (x,))
+    assert_close(traced(other), model(other), torch.float64)
+    assert type(fused.lstm) is fusedrnn.LSTM
+    scripted = torch.jit.script(fused)
+    assert_close(scripted(other), model(other), torch.float64)
+    assert_close(fused(other), model(other), torch.float64)  # (torch.jit swapped the twins in)
+
+
 # --- bad input: the same error types torch.nn raises ---
 
 def _both(cell):

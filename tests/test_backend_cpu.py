@@ -372,6 +372,27 @@ def test_torch_compile_fullgraph(rng, kind):
         assert_close(a, b, torch.float64, f"tensor {i}")
 
 
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+@pytest.mark.parametrize("grad", [True, False])
+def test_torch_export(rng, kind, grad):
+    """torch.export records the stack op (training: stack_train; no_grad: stack_forward) with a
+    dynamic number of steps, and the exported program gives eager mode's values at another
+    length. (Export once failed: choosing the backend called an op that lists the built cells,
+    which export then tried to record.)"""
+    model = getattr(fusedrnn, kind)(5, rng.choice(HIDDEN), 2, bidirectional=True).double()
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    dispatch.forget_choices()  # (the choice is what ran the op)
+    with torch.set_grad_enabled(grad):
+        program = torch.export.export(
+            model, (x,), dynamic_shapes=({0: torch.export.Dim("steps", min=2, max=64)},))
+    ops = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert ("fusedrnn.stack_train.default" if grad else "fusedrnn.stack_forward.default") in ops
+    other = torch.randn(rng.randint(5, 9), 3, 5, dtype=torch.float64)
+    got, want = program.module()(other), model(other)
+    assert_close(got[0], want[0], torch.float64)
+    assert_close(got[1][0], want[1][0], torch.float64)
+
+
 def test_auto_picks_cpu_and_falls_back():
     cell = CELLS["lstm"]
     cpu = torch.device("cpu")

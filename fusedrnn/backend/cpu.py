@@ -7,7 +7,6 @@ sums taken inside the pointwise pass, so no separate reduction runs over the gra
 """
 from __future__ import annotations
 
-import functools
 import os
 import platform
 from typing import Dict, Optional, Tuple
@@ -278,13 +277,15 @@ if _IMPORT_ERROR is None:
         torch.library.impl("fusedrnn::stack_backward_reference", key)(_stack_backward_reference)
 
 
-@functools.lru_cache(maxsize=None)
-def _cpp_traits(name: str) -> Optional[Tuple[int, ...]]:
-    """A cell's traits as the C++ kernels were built with them (csrc/cells/cells.h), or None
-    when the extension has no such cell."""
-    if name not in torch.ops.fusedrnn.cell_names():
-        return None
-    return tuple(torch.ops.fusedrnn.cell_traits(name))
+def _built_cells() -> Dict[str, Tuple[int, ...]]:
+    """Each cell the C++ kernels were built with (csrc/cells/cells.h) and its traits as built.
+    Read once, at import: no op may run while torch.export traces a forward (it would record
+    the call, and cannot hold its list of names)."""
+    return {name: tuple(torch.ops.fusedrnn.cell_traits(name))
+            for name in torch.ops.fusedrnn.cell_names()}
+
+
+_BUILT_CELLS = _built_cells() if _IMPORT_ERROR is None else {}
 
 
 class CpuBackend(Backend):
@@ -300,7 +301,7 @@ class CpuBackend(Backend):
             return f"runs on CPU tensors only, not {spec.device.type}"
         if spec.dtype not in _DTYPES:
             return f"supports float32, float64 and bfloat16, not {spec.dtype}"
-        return (built_cell_reason(spec.cell, _cpp_traits(spec.cell.name), "C++")
+        return (built_cell_reason(spec.cell, _BUILT_CELLS.get(spec.cell.name), "C++")
                 or super().unsupported_reason(spec))
 
     def sequence(self, xp, args):
