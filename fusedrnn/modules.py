@@ -9,8 +9,7 @@ cells: ``functional.rnn_layer``).
 from __future__ import annotations
 
 import contextlib
-import functools
-from typing import List, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -75,13 +74,20 @@ def _step_counts(batch_sizes: Tensor, rows: int, makes_zero_state: bool,
     return counts
 
 
-@functools.lru_cache(maxsize=None)
+_WEIGHT_NAMES: Dict[Tuple[int, bool], Tuple[str, ...]] = {}
+
+
 def _weight_names(num_layers: int, bidirectional: bool) -> Tuple[str, ...]:
     """torch.nn's names of a module's weights, five per layer and direction in torch.nn's
-    order (``weight_hr`` and the biases whether or not the module has them)."""
-    return tuple(f"{kind}_l{layer}{suffix}" for layer in range(num_layers)
-                 for suffix in (("", "_reverse") if bidirectional else ("",))
-                 for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"))
+    order (``weight_hr`` and the biases whether or not the module has them). Memoized in a
+    plain dict, which torch.compile traces (it warns on functools.lru_cache)."""
+    names = _WEIGHT_NAMES.get((num_layers, bidirectional))
+    if names is None:
+        names = _WEIGHT_NAMES[(num_layers, bidirectional)] = tuple(
+            f"{kind}_l{layer}{suffix}" for layer in range(num_layers)
+            for suffix in (("", "_reverse") if bidirectional else ("",))
+            for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"))
+    return names
 
 
 def _cpu_autocast_dtype(mode: str, x: Tensor, proj_size: int = 0, packed: bool = False,

@@ -350,9 +350,11 @@ def test_training_node_works_with_autograd_tools(rng, tool):
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+@pytest.mark.filterwarnings("error::UserWarning")  # (Dynamo warned on an lru_cache once)
 def test_torch_compile_fullgraph(rng, kind):
     """A whole model compiles into one graph (no break at the layers) and gives eager mode's
-    values and gradients; `allow_rnn` is Dynamo's own switch for torch.nn.RNNBase subclasses."""
+    values and gradients, with no warning; `allow_rnn` is Dynamo's own switch for
+    torch.nn.RNNBase subclasses."""
     extra = {"LSTM": dict(proj_size=3), "GRU": dict(bias=False), "RNN": dict(nonlinearity="relu")}
     model = getattr(fusedrnn, kind)(6, rng.choice(HIDDEN), 2, bidirectional=True, backend="cpu",
                                     **extra[kind]).double()
