@@ -64,8 +64,13 @@ def check_sequence(backend, cell_name, batch_sizes, hidden, proj=0, bias=True, r
     Tolerances are ``tolerances(tol_dtype or dtype)`` per element, unless ``tol=(rtol, atol)``
     is given: then each tensor is compared normwise, ``max|a - b| <= atol + rtol * max|b|``,
     which suits fp16/bf16, where sums over many rows (weight gradients) cancel and an
-    elementwise check flags small entries. ``scale`` is the inputs' standard deviation.
-    ``check_grads=False`` compares only the outputs.
+    elementwise check flags small entries. In float32 against a float64 reference, a tensor
+    that misses the elementwise tolerance still passes if its largest error is at most twice
+    that of the reference's own float32 run on the same inputs: a bias gradient, a float32 sum
+    over every row that cancels to near zero, can miss 1e-5 in torch's float32 too (seen: one
+    entry at 1.08x the tolerance here, 1.21x in torch's float32, one draw in a few hundred).
+    ``scale`` is the inputs' standard deviation. ``check_grads=False`` compares only the
+    outputs.
     """
     cell = CELLS[cell_name]
     args = sequence_inputs(cell, batch_sizes, hidden, proj, bias, dtype, device, scale)
@@ -77,19 +82,29 @@ def check_sequence(backend, cell_name, batch_sizes, hidden, proj=0, bias=True, r
     ref_outs, ref_grads = _run(REFERENCE, cell, ref_args, reverse, upstream)
     outs, grads = _run(backend, cell, args, reverse, [u.to(device, dtype) for u in upstream])
     tol_dtype = tol_dtype or dtype
+    f32_outs, f32_grads = [None] * 3, [None] * len(ref_grads)
+    if tol is None and dtype == torch.float32 and ref_dtype == torch.float64:
+        f32_args = {k: (v.detach().to("cpu").requires_grad_() if isinstance(v, torch.Tensor)
+                        and v.is_floating_point() else v) for k, v in args.items()}
+        f32_outs, f32_grads = _run(REFERENCE, cell, f32_args, reverse,
+                                   [u.to(torch.float32) for u in upstream])
 
-    def check(a, b, what):
+    def check(a, b, what, b32=None):
         if tol is None:
+            if b32 is not None:
+                err, b32_err = (a - b).abs().max().item(), (b32.double() - b).abs().max().item()
+                if err <= 2 * b32_err:
+                    return None
             return assert_close(a, b, tol_dtype, what)
         err, bound = (a - b).abs().max().item(), tol[1] + tol[0] * b.abs().max().item()
         assert err <= bound, f"{what}: max abs error {err:.3g} > {bound:.3g} (normwise {tol})"
 
     names = [k for k, v in args.items() if isinstance(v, torch.Tensor) and v.requires_grad]
-    for name, a, b in zip(["y", "h_n", "c_n"], outs, ref_outs):
-        check(a.to("cpu", ref_dtype), b, f"{cell_name} {name}")
-    for name, a, b in zip(names, grads if check_grads else [], ref_grads):
+    for name, a, b, b32 in zip(["y", "h_n", "c_n"], outs, ref_outs, f32_outs):
+        check(a.to("cpu", ref_dtype), b, f"{cell_name} {name}", b32)
+    for name, a, b, b32 in zip(names, grads if check_grads else [], ref_grads, f32_grads):
         assert a is not None, f"{cell_name}: no gradient for {name}"
-        check(a.to("cpu", ref_dtype), b, f"{cell_name} grad {name}")
+        check(a.to("cpu", ref_dtype), b, f"{cell_name} grad {name}", b32)
 
 
 def gradcheck_sequence(backend, rng: random.Random, cell_name, reverse, proj=True,
