@@ -5,6 +5,7 @@ import itertools
 import pytest
 import torch
 import torch.nn as nn
+from torch.nn.utils import prune
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fusedrnn
@@ -266,24 +267,26 @@ def _parametrize(module, how):
     if how == "hooks_weight_norm":  # the deprecated hook-based one, still used
         with pytest.warns(FutureWarning):
             nn.utils.weight_norm(module, "weight_hh_l1")
+    elif how == "prune":  # hook-based too: weight_ih_l0 = weight_ih_l0_orig * mask
+        prune.l1_unstructured(module, "weight_ih_l0", amount=0.4)
     else:
         getattr(nn.utils.parametrizations, how)(module, "weight_hh_l0")
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
 @pytest.mark.parametrize("how", ["orthogonal", "weight_norm", "spectral_norm",
-                                 "hooks_weight_norm"])
+                                 "hooks_weight_norm", "prune"])
 def test_parametrized_weights(rng, cell, how):
-    """A parametrized weight is not a Parameter of the module: it is computed on access (and
-    once raised AttributeError here). Values and every gradient equal torch.nn's, also after
-    convert, which keeps the parametrization (and its Parameters) shared."""
+    """A parametrized or pruned weight is not a Parameter of the module: it is computed on
+    access (and once raised AttributeError here). Values and every gradient equal torch.nn's,
+    also after convert, which keeps the parametrization (and its Parameters) shared."""
     ref, fused = make_pair(cell, 2, False, False, True, 0, torch.float64)
     for module in (ref, fused):
         _parametrize(module, how)
     fused.load_state_dict(ref.state_dict())
     converted = fusedrnn.convert(ref)  # (torch cannot deepcopy a hook-based weight_norm)
     assert isinstance(converted, MODULES[cell][1])
-    if how != "hooks_weight_norm":
+    if how not in ("hooks_weight_norm", "prune"):
         assert nn.utils.parametrize.is_parametrized(converted, "weight_hh_l0")
     x = torch.randn(rng.randint(2, 5), 3, 5, dtype=torch.float64)
     for module in (ref, fused, converted):
