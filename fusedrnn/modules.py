@@ -9,6 +9,7 @@ cells: ``functional.rnn_layer``).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -145,6 +146,10 @@ class _BackendArg:
         the parent module being scripted, as it does for every module with this hook)."""
         twin = _twin(self, next(c for c in type(self).__mro__ if c in _FUSED_FOR))
         del twin.backend
+        warnings.warn(f"torch.jit.script: fusedrnn's {type(self).__name__} is compiled as "
+                      f"torch.nn's {type(twin).__name__} on the same weights (TorchScript cannot "
+                      "run fusedrnn's ops); torch.jit also puts that module in its place in the "
+                      "parent module scripted", stacklevel=2)
         return twin
 
 

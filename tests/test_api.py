@@ -314,7 +314,8 @@ def test_torchscript_trace_and_script(rng):
     traced = torch.jit.trace(fused, (x,))
     assert_close(traced(other), model(other), torch.float64)
     assert type(fused.lstm) is fusedrnn.LSTM
-    scripted = torch.jit.script(fused)
+    with pytest.warns(UserWarning, match="compiled as torch.nn's"):
+        scripted = torch.jit.script(fused)
     assert_close(scripted(other), model(other), torch.float64)
     assert_close(fused(other), model(other), torch.float64)  # (torch.jit swapped the twins in)
 
