@@ -609,7 +609,10 @@ def test_bfloat16_matches_float64_normwise(rng, two_threads, kind, hidden):
     float64 torch.nn, normwise per tensor at 3e-2: 2 layers, bidirectional, packed unsorted;
     hidden 7 (odd K, padded for the VNNI layout) and 100 (a full 64-unit tile and a partial
     one). Over 12 draws per case the worst was 1.4e-2, and one draw in about 200 passed 2e-2;
-    torch.nn's own bf16 layers measure 0.8-3.3e-2 here."""
+    torch.nn's own bf16 layers measure 0.8-3.3e-2 here. A tensor past 3e-2 still passes if
+    torch.nn's bf16 layer, on the same draw, is off by at least two thirds as much: a weight
+    gradient that cancels to a small norm (seen: LSTM-proj's reverse w_hh gradient, norm 0.011,
+    fusedrnn 8.8e-2 off and torch.nn's bf16 9.7e-2, about one draw in a few hundred)."""
     mode, _, extra = kind.partition("-")
     kwargs = dict(num_layers=2, bidirectional=True, **({"proj_size": 3} if extra else {}))
     ref = getattr(nn, mode)(6, hidden, dtype=torch.float64, **kwargs)
@@ -617,10 +620,15 @@ def test_bfloat16_matches_float64_normwise(rng, two_threads, kind, hidden):
     fused.load_state_dict(ref.state_dict())
     fused.bfloat16()
     seqs = [torch.randn(rng.randint(1, 8), 6, dtype=torch.float64) * 0.5 for _ in range(35)]
-    for i, (a, b) in enumerate(zip(_bf16_run(fused, seqs, torch.bfloat16),
-                                   _bf16_run(ref, seqs, torch.float64))):
-        err, scale = (a - b).abs().max().item(), b.abs().max().item()
-        assert err <= 3e-2 * scale + 1e-6, f"{kind} tensor {i}: {err:.3g} > 3e-2 x {scale:.3g}"
+    torch_bf16 = getattr(nn, mode)(6, hidden, dtype=torch.bfloat16, **kwargs)
+    torch_bf16.load_state_dict(ref.state_dict())
+    for i, (a, b, c) in enumerate(zip(_bf16_run(fused, seqs, torch.bfloat16),
+                                      _bf16_run(ref, seqs, torch.float64),
+                                      _bf16_run(torch_bf16, seqs, torch.bfloat16))):
+        err, scale, torch_err = [(a - b).abs().max().item(), b.abs().max().item(),
+                                 (c - b).abs().max().item()]
+        assert err <= max(3e-2 * scale + 1e-6, 1.5 * torch_err), \
+            f"{kind} tensor {i}: {err:.3g} > 3e-2 x {scale:.3g} (torch.nn bf16: {torch_err:.3g})"
 
 
 def test_bfloat16_runs_its_step_gemms_in_bfloat16(rng, monkeypatch):
