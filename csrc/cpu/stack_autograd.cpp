@@ -24,10 +24,13 @@ using OptionalTensors = c10::List<c10::optional<Tensor>>;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+c10::optional<Tensor> optional(const Tensor& t) {
+  return t.defined() ? c10::optional<Tensor>(t) : c10::nullopt;
+}
+
 OptionalTensors optionals(at::TensorList tensors) {
   OptionalTensors list;
-  for (const Tensor& t : tensors)
-    list.push_back(t.defined() ? c10::optional<Tensor>(t) : c10::nullopt);
+  for (const Tensor& t : tensors) list.push_back(optional(t));
   return list;
 }
 
@@ -77,10 +80,6 @@ std::vector<Tensor> call_stack_backward_reference(
                                      const c10::optional<Tensor>&)>();
   return op.call(cell, bidirectional, masks, x, batch_sizes, h0, c0, weights, grad_y, grad_hn,
                  grad_cn);
-}
-
-c10::optional<Tensor> optional(const Tensor& t) {
-  return t.defined() ? c10::optional<Tensor>(t) : c10::nullopt;
 }
 
 // The 7 * count slots h0s, c0s, weights (torch.nn's order; undefined: None) from the defined
