@@ -165,8 +165,8 @@ class _FusedRNNMixin(_BackendArg):
     def _weights(self, dtype: Optional[torch.dtype]) -> List[Optional[Tensor]]:
         """Five weights per layer and direction (``StackArgs.weights``), None where the module
         has none, cast to ``dtype`` if given (CPU autocast). Read as torch.nn reads them: a
-        weight that is not a plain Parameter (``torch.nn.utils.parametrize``, the hook-based
-        ``weight_norm``) is looked up as an attribute, which computes it."""
+        weight that is not a plain Parameter (``torch.nn.utils.parametrize``; the hook-based
+        ``weight_norm`` and ``prune``) is looked up as an attribute, which computes it."""
         params = self._parameters  # (nn.Module.__getattr__ per weight costs more than this)
         weights = [params[name] if name in params else getattr(self, name, None)
                    for name in _weight_names(self.num_layers, self.bidirectional)]
